@@ -1,0 +1,104 @@
+"""`DecodeEngine`: continuous batching of handed-over requests on the decode model (the student in OverFill
+mode). Requests join and leave between steps; each step feeds every running request the tokens whose KV is not
+yet in the cache (one token normally, more after a preemption or migration) and samples the next token.
+
+When the pool runs out of blocks the newest request is preempted: its blocks are freed and it goes back to the
+prefill engine through `preempt`, keeping every token it generated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from overfill_serve.engine.batch import Batch, ScheduledSeq
+from overfill_serve.engine.output_processor import OutputProcessor, StepOutput
+from overfill_serve.engine.runner import ModelRunner
+from overfill_serve.engine.sampler import Sampler
+from overfill_serve.engine.stage import StageEngine, blocks_for
+from overfill_serve.kv.block_pool import BlockPool
+from overfill_serve.request import Request, RequestStatus
+
+
+class DecodeEngine(StageEngine):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        pool: BlockPool,
+        sampler: Sampler,
+        output: OutputProcessor,
+        preempt: Callable[[Request], None],
+        max_num_seqs: int = 64,
+    ) -> None:
+        super().__init__(runner, pool, sampler, output)  # waiting: KV present, not yet admitted
+        self.preempt = preempt
+        self.max_num_seqs = max_num_seqs
+
+    def add(self, request: Request) -> None:
+        assert request.block_table and request.output_token_ids, "decode needs prompt KV and a first token"
+        self.waiting.append(request)
+
+
+
+    def step(self) -> list[StepOutput]:
+        batch = self._schedule()
+        if not batch:
+            return []
+        logits = self.runner.run(batch)
+        return self._postprocess(batch, logits)
+
+    def _schedule(self) -> Batch:
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            request = self.waiting.popleft()
+            request.mark(RequestStatus.DECODING)
+            self.running.append(request)
+        scheduled: list[Request] = []
+        for request in list(self.running):
+            if request not in self.running:
+                continue  # preempted below to make room for an older request
+            need = blocks_for(request.num_tokens, self.block_size) - len(request.block_table)
+            while not self.pool.can_allocate(need):
+                victim = self._victim()
+                self._preempt(victim)
+                if victim is request:
+                    break
+            if request in self.running:
+                request.block_table += self.pool.allocate(need)
+                scheduled.append(request)
+        return Batch(
+            tuple(
+                ScheduledSeq(
+                    r.request_id,
+                    tuple(r.all_token_ids[r.num_computed_tokens :]),
+                    r.num_computed_tokens,
+                    tuple(r.block_table),
+                    needs_logits=True,
+                )
+                for r in scheduled
+            )
+        )
+
+    def _victim(self) -> Request:
+        """The newest request holding blocks: not-yet-admitted ones first, then the newest running one."""
+        return self.waiting[-1] if self.waiting else self.running[-1]
+
+    def _preempt(self, request: Request) -> None:
+        (self.waiting if request in self.waiting else self.running).remove(request)
+        self.pool.free(request.block_table)
+        request.block_table = []
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.preempt(request)
+
+    def _postprocess(self, batch: Batch, logits: torch.Tensor) -> list[StepOutput]:
+        by_id = {r.request_id: r for r in self.running}
+        requests = [by_id[s.request_id] for s in batch.seqs]
+        outputs = []
+        for request, seq, token in zip(requests, batch.seqs, self.sampler(logits, requests)):
+            request.num_computed_tokens = seq.context_len
+            outputs.append(self.output.append(request, token))
+            if request.finish_reason is not None:
+                self.running.remove(request)
+                self._finish(request, RequestStatus.FINISHED, request.finish_reason)
+        return outputs

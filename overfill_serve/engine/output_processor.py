@@ -1,0 +1,67 @@
+"""`OutputProcessor`: appends sampled tokens to requests, detokenizes incrementally and decides when to stop.
+
+Both stages use it: the prefill engine for the teacher's first token, the decode engine for the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from overfill_serve.detokenizer import IncrementalDetokenizer
+from overfill_serve.engine.sampler import SampledToken
+from overfill_serve.request import FinishReason, Request
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step added to one request: the streaming unit."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finished: bool
+    finish_reason: FinishReason | None = None
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, eos_token_ids: tuple[int, ...], max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+
+    def append(self, request: Request, sampled: SampledToken) -> StepOutput:
+        """Add one token; on a stop condition set the request's finish reason (the engine frees its KV)."""
+        token, params = sampled.token_id, request.params
+        request.output_token_ids.append(token)
+        if sampled.logprob is not None:
+            request.output_logprobs.append(sampled.logprob)
+        detok = self._detokenizer(request)
+        text = ""
+        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+            request.finish_reason, request.stop_reason = FinishReason.STOP, token
+        else:
+            step = detok.step(token)
+            text = step.delta
+            if step.stop_string is not None:
+                request.finish_reason, request.stop_reason = FinishReason.STOP, step.stop_string
+            elif len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
+                request.finish_reason = FinishReason.LENGTH
+        finished = request.finish_reason is not None
+        if finished:
+            text += detok.finish()
+        return StepOutput(request.request_id, (token,), text, finished, request.finish_reason)
+
+    def text(self, request: Request) -> str:
+        detok = self._detok.get(request.request_id)
+        return detok.text if detok is not None else ""
+
+    def release(self, request_id: str) -> None:
+        self._detok.pop(request_id, None)
+
+    def _detokenizer(self, request: Request) -> IncrementalDetokenizer:
+        detok = self._detok.get(request.request_id)
+        if detok is None:
+            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.params)
+            self._detok[request.request_id] = detok
+        return detok

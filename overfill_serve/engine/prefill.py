@@ -1,0 +1,111 @@
+"""`PrefillEngine`: batches waiting prompts under a token budget, runs the prefill model (the teacher in
+OverFill mode) and samples each request's first token from that model's logits.
+
+A request is admitted only when blocks for its whole prompt are free, so a chunked prefill never stalls half
+way for memory. A request coming back from a decode-side preemption (it already has output tokens) is
+prefilled over its prompt only and handed over without sampling: the decode model recomputes its own KV for
+the tokens it generated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from overfill_serve.engine.batch import Batch, ScheduledSeq
+from overfill_serve.engine.output_processor import OutputProcessor, StepOutput
+from overfill_serve.engine.runner import ModelRunner
+from overfill_serve.engine.sampler import Sampler
+from overfill_serve.engine.stage import StageEngine, blocks_for
+from overfill_serve.kv.block_pool import BlockPool
+from overfill_serve.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    outputs: tuple[StepOutput, ...]  # first tokens, to stream at once
+    handed_over: tuple[Request, ...]  # prompt KV complete; continue on a decode engine
+
+
+class PrefillEngine(StageEngine):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        pool: BlockPool,
+        sampler: Sampler,
+        output: OutputProcessor,
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 64,
+    ) -> None:
+        super().__init__(runner, pool, sampler, output)  # running: blocks allocated, prompt partly computed
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+
+    def add(self, request: Request, front: bool = False) -> None:
+        request.mark(RequestStatus.ROUTED)
+        self.waiting.appendleft(request) if front else self.waiting.append(request)
+
+
+
+    def step(self) -> PrefillResult:
+        batch = self._schedule()
+        if not batch:
+            return PrefillResult((), ())
+        logits = self.runner.run(batch)
+        return self._postprocess(batch, logits)
+
+    def _schedule(self) -> Batch:
+        budget = self.max_num_batched_tokens
+        seqs: list[ScheduledSeq] = []
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            need = blocks_for(request.num_prompt_tokens, self.block_size)
+            if not self.pool.can_allocate(need):
+                break  # FIFO: later prompts wait too, so a long prompt is not starved
+            self.waiting.popleft()
+            request.block_table = self.pool.allocate(need)
+            request.num_computed_tokens = 0
+            request.mark(RequestStatus.PREFILLING)
+            self.running.append(request)
+        for request in self.running:
+            if budget == 0:
+                break
+            start = request.num_computed_tokens
+            n = min(request.num_prompt_tokens - start, budget)
+            budget -= n
+            end = start + n
+            seqs.append(
+                ScheduledSeq(
+                    request.request_id,
+                    tuple(request.prompt_token_ids[start:end]),
+                    start,
+                    tuple(request.block_table),
+                    needs_logits=end == request.num_prompt_tokens and not request.output_token_ids,
+                )
+            )
+        return Batch(tuple(seqs))
+
+    def _postprocess(self, batch: Batch, logits: torch.Tensor) -> PrefillResult:
+        by_id = {r.request_id: r for r in self.running}
+        done: list[Request] = []
+        for seq in batch.seqs:
+            request = by_id[seq.request_id]
+            request.num_computed_tokens = seq.context_len
+            if seq.context_len == request.num_prompt_tokens:
+                done.append(request)
+        sampling = [by_id[s.request_id] for s in batch.sampled]
+        sampled = self.sampler(logits, sampling) if sampling else []
+        outputs = []
+        for request, token in zip(sampling, sampled):
+            request.stamp("first_token")
+            outputs.append(self.output.append(request, token))
+        handed_over = []
+        for request in done:
+            self.running.remove(request)
+            if request.finish_reason is not None:
+                self._finish(request, RequestStatus.FINISHED, request.finish_reason)
+            else:
+                request.mark(RequestStatus.KV_IN_FLIGHT)
+                handed_over.append(request)
+        return PrefillResult(tuple(outputs), tuple(handed_over))

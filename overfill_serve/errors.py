@@ -1,0 +1,39 @@
+"""Typed errors raised at the edges of overfill-serve.
+
+Every error a user can provoke is an `OverfillError`; the serving layers map the subclasses to HTTP / gRPC
+status codes. Asserts are kept for internal invariants only.
+"""
+
+from __future__ import annotations
+
+
+class OverfillError(Exception):
+    """Base class of every error overfill-serve raises on purpose."""
+
+
+class InvalidRequestError(OverfillError, ValueError):
+    """A request or its sampling parameters are invalid. `field` names the offending parameter."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class ModelConfigError(OverfillError, ValueError):
+    """A model directory's config.json is missing, unreadable or describes an unsupported model."""
+
+
+class WeightLoadError(OverfillError):
+    """Weights are missing, unexpected or of the wrong shape; the message lists every offending tensor."""
+
+
+class PairMismatchError(OverfillError, ValueError):
+    """The prefill and decode models do not share a KV layout; `mismatches` lists every differing field."""
+
+    def __init__(self, mismatches: list[str]) -> None:
+        super().__init__("model pair mismatch:\n  " + "\n  ".join(mismatches))
+        self.mismatches = mismatches
+
+
+class OutOfBlocksError(OverfillError):
+    """The KV cache cannot hold a request even when it runs alone."""

@@ -1,0 +1,113 @@
+"""A request's life inside the engines: its tokens, KV blocks, state and timeline.
+
+Lifecycle (every transition stamps `timeline`):
+    received → routed → prefilling → kv_in_flight → decoding → finished | aborted | failed
+A decode-side preemption sends a request back to `prefilling` (re-prefill of the prompt on its prefill model,
+then the decode model recomputes its own KV for the tokens generated so far) without losing any output.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from overfill_serve.errors import InvalidRequestError
+from overfill_serve.sampling_params import SamplingParams
+
+
+class Mode(str, enum.Enum):
+    """Which model runs which stage: the A/B comparison of the paper on one set of loaded weights."""
+
+    OVERFILL = "overfill"  # teacher prefill -> student decode
+    FULL = "full"  # teacher both stages
+    PRUNED = "pruned"  # student both stages
+
+    @classmethod
+    def parse(cls, value: str | Mode) -> Mode:
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(m.value for m in cls)
+            raise InvalidRequestError(f"unknown mode {value!r}; expected one of {names}", field="mode") from None
+
+
+class RequestStatus(str, enum.Enum):
+    RECEIVED = "received"
+    ROUTED = "routed"
+    PREFILLING = "prefilling"
+    KV_IN_FLIGHT = "kv_in_flight"
+    DECODING = "decoding"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+    @property
+    def done(self) -> bool:
+        return self in (RequestStatus.FINISHED, RequestStatus.ABORTED, RequestStatus.FAILED)
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # eos, stop token id or stop string
+    LENGTH = "length"  # max_tokens or the context limit
+    ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Log-probability of the chosen token and, when asked for, the top alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(eq=False)
+class Request:
+    """Mutable per-request state shared by the schedulers; tensors live in the runners, not here."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    mode: Mode = Mode.OVERFILL
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    # Tokens whose KV is in `block_table` (prompt and generated tokens alike).
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.RECEIVED
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    error: str | None = None
+    num_preemptions: int = 0
+    timeline: dict[str, float] = field(default_factory=dict)
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        self.mark(RequestStatus.RECEIVED)
+
+    def mark(self, status: RequestStatus) -> None:
+        self.status = status
+        self.stamp(status.value)
+
+    def stamp(self, event: str) -> None:
+        """Record the first time `event` happened (a re-prefill keeps the original stamps)."""
+        self.timeline.setdefault(event, time.perf_counter())
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.done

@@ -1,0 +1,70 @@
+"""Per-request sampling and stopping parameters (the OpenAI / vLLM vocabulary)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from overfill_serve.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples and when it stops. Validated on construction.
+
+    temperature 0 means greedy. top_k 0 or -1 disables top-k. logprobs=None returns no log-probabilities;
+    logprobs=k returns the chosen token's log-probability plus the k most likely alternatives.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        # Tuples keep the dataclass hashable; lists (or one string) given by callers are converted.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(name: str, why: str) -> InvalidRequestError:
+            return InvalidRequestError(f"{name} {why}, got {getattr(self, name)!r}", field=name)
+
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise bad("max_tokens", "must be a positive integer")
+        if self.temperature < 0:
+            raise bad("temperature", "must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "must be in (0, 1]")
+        if self.top_k < -1:
+            raise bad("top_k", "must be -1, 0 (disabled) or positive")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", "must be in [0, 1]")
+        if self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "must be > 0")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise bad("presence_penalty", "must be in [-2, 2]")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise bad("frequency_penalty", "must be in [-2, 2]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise bad("logprobs", "must be in [0, 20]")
+        if any(not s for s in self.stop):
+            raise InvalidRequestError("stop strings must be non-empty", field="stop")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
