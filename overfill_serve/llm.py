@@ -84,13 +84,25 @@ class LLM:
         if num_kv_blocks is None:
             budget = kv_cache_bytes or _default_kv_bytes(torch.device(device))
             num_kv_blocks = PagedKVCache.blocks_for_budget(
-                budget, layout.num_teacher_layers, block_size, layout.num_kv_heads, layout.head_dim, torch_dtype
+                budget,
+                layout.num_teacher_layers,
+                block_size,
+                layout.num_kv_heads,
+                layout.head_dim,
+                torch_dtype,
             )
         if num_kv_blocks < 1:
-            raise ModelConfigError("the KV cache budget holds no block; raise kv_cache_bytes or num_kv_blocks")
+            raise ModelConfigError(
+                "the KV cache budget holds no block; raise kv_cache_bytes or num_kv_blocks"
+            )
         self.cache = PagedKVCache(
-            layout.num_teacher_layers, num_kv_blocks, block_size, layout.num_kv_heads, layout.head_dim,
-            torch_dtype, device,
+            layout.num_teacher_layers,
+            num_kv_blocks,
+            block_size,
+            layout.num_kv_heads,
+            layout.head_dim,
+            torch_dtype,
+            device,
         )
         self.pool = BlockPool(num_kv_blocks)
         limit = min(teacher.spec.max_position_embeddings, student.spec.max_position_embeddings)
@@ -117,21 +129,29 @@ class LLM:
     # -- the OverFill routing: which model runs which stage -------------------------------------------------
     @staticmethod
     def _roles(mode: Mode) -> tuple[str, str]:
-        return {Mode.OVERFILL: ("teacher", "student"), Mode.FULL: ("teacher", "teacher"),
-                Mode.PRUNED: ("student", "student")}[mode]
+        return {
+            Mode.OVERFILL: ("teacher", "student"),
+            Mode.FULL: ("teacher", "teacher"),
+            Mode.PRUNED: ("student", "student"),
+        }[mode]
 
     def _re_prefill(self, request: Request) -> None:
         self.prefill[self._roles(request.mode)[0]].add(request, front=True)
 
     # -- request API ---------------------------------------------------------------------------------------
     def add_request(
-        self, prompt: Prompt, params: SamplingParams | None = None, mode: str | Mode = "overfill",
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        mode: str | Mode = "overfill",
         request_id: str | None = None,
     ) -> str:
         """Queue one request; `step()` then streams its `StepOutput`s."""
         return self._add(prompt, params, mode, request_id).request_id
 
-    def _add(self, prompt: Prompt, params: SamplingParams | None, mode: str | Mode, request_id: str | None) -> Request:
+    def _add(
+        self, prompt: Prompt, params: SamplingParams | None, mode: str | Mode, request_id: str | None
+    ) -> Request:
         mode = Mode.parse(mode)
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -139,7 +159,9 @@ class LLM:
         token_ids = self._encode(prompt)
         request = Request(request_id or f"req-{next(self._ids)}", token_ids, params, mode)
         if request.request_id in self._requests:
-            raise InvalidRequestError(f"request id {request.request_id!r} is already in use", field="request_id")
+            raise InvalidRequestError(
+                f"request id {request.request_id!r} is already in use", field="request_id"
+            )
         self._requests[request.request_id] = request
         self.prefill[self._roles(mode)[0]].add(request)
         return request
@@ -154,15 +176,15 @@ class LLM:
     def step(self) -> list[StepOutput]:
         """One round: every prefill engine with work, then every decode engine with work."""
         outputs: list[StepOutput] = []
-        for engine in self.prefill.values():
-            if engine.has_work():
-                result = engine.step()
+        for prefill in self.prefill.values():
+            if prefill.has_work():
+                result = prefill.step()
                 outputs += result.outputs
                 for request in result.handed_over:
                     self.decode[self._roles(request.mode)[1]].add(request)
-        for engine in self.decode.values():
-            if engine.has_work():
-                outputs += engine.step()
+        for decode in self.decode.values():
+            if decode.has_work():
+                outputs += decode.step()
         for out in outputs:
             if out.finished:
                 self._requests.pop(out.request_id, None)
@@ -199,8 +221,10 @@ class LLM:
         mode: str | Mode = "overfill",
     ) -> list[RequestOutput]:
         """Generate the assistant's reply to one conversation or to several."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        return self.generate([encode_chat(self.tokenizer, conv) for conv in conversations], sampling_params, mode)
+        conversations: Any = [messages] if messages and isinstance(messages[0], dict) else messages
+        return self.generate(
+            [encode_chat(self.tokenizer, conv) for conv in conversations], sampling_params, mode
+        )
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -234,8 +258,9 @@ def _as_prompt_list(prompts: Any) -> list[Prompt]:
     if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
         return [prompts]
     if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise InvalidRequestError("prompts must be a string, a token-id list or a non-empty list of them",
-                                  field="prompt")
+        raise InvalidRequestError(
+            "prompts must be a string, a token-id list or a non-empty list of them", field="prompt"
+        )
     return list(prompts)
 
 

@@ -31,7 +31,9 @@ class Mode(str, enum.Enum):
             return cls(value)
         except ValueError:
             names = ", ".join(m.value for m in cls)
-            raise InvalidRequestError(f"unknown mode {value!r}; expected one of {names}", field="mode") from None
+            raise InvalidRequestError(
+                f"unknown mode {value!r}; expected one of {names}", field="mode"
+            ) from None
 
 
 class RequestStatus(str, enum.Enum):

@@ -22,6 +22,8 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequestError("this model's tokenizer has no chat template", field="messages")
     if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-        raise InvalidRequestError("messages must be a non-empty list of {role, content} objects", field="messages")
+        raise InvalidRequestError(
+            "messages must be a non-empty list of {role, content} objects", field="messages"
+        )
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -39,8 +39,6 @@ class DecodeEngine(StageEngine):
         assert request.block_table and request.output_token_ids, "decode needs prompt KV and a first token"
         self.waiting.append(request)
 
-
-
     def step(self) -> list[StepOutput]:
         batch = self._schedule()
         if not batch:

@@ -45,7 +45,9 @@ class OutputProcessor:
             text = step.delta
             if step.stop_string is not None:
                 request.finish_reason, request.stop_reason = FinishReason.STOP, step.stop_string
-            elif len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            elif (
+                len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len
+            ):
                 request.finish_reason = FinishReason.LENGTH
         finished = request.finish_reason is not None
         if finished:

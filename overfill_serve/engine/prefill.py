@@ -46,8 +46,6 @@ class PrefillEngine(StageEngine):
         request.mark(RequestStatus.ROUTED)
         self.waiting.appendleft(request) if front else self.waiting.append(request)
 
-
-
     def step(self) -> PrefillResult:
         batch = self._schedule()
         if not batch:

@@ -24,12 +24,19 @@ class PagedKVCache:
         )
 
     @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    def bytes_per_block(
+        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
         return num_layers * 2 * block_size * num_kv_heads * head_dim * dtype.itemsize
 
     @classmethod
     def blocks_for_budget(
-        cls, memory_bytes: int, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+        cls,
+        memory_bytes: int,
+        num_layers: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
         dtype: torch.dtype,
     ) -> int:
         """How many blocks fit in a memory budget."""

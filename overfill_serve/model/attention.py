@@ -21,7 +21,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot (block * block_size + offset) of each new token
     context_slots: torch.Tensor  # [B, L] cache slots of each request's context, L = max context length
     query_index: torch.Tensor  # [T] position of each new token in the padded [B * max_query_len] layout
-    attn_mask: torch.Tensor | None  # [B, 1, max_query_len, L] True where attention is allowed; None: decode, all valid
+    attn_mask: (
+        torch.Tensor | None
+    )  # [B, 1, max_query_len, L] True where attention is allowed; None: decode, all valid
     num_seqs: int
     max_query_len: int
 
@@ -55,7 +57,9 @@ class AttentionMetadata:
         if not (max_q == 1 and min(context_lens) == max_ctx):  # equal-length decode needs no mask
             # Query row r of request i sits at absolute position ctx_i - q_len_i + r; causal within context.
             q_pos = (ctx - q_len_t)[:, None] + torch.arange(max_q)[None, :]
-            mask = (ctx_pos[None, None, :] <= q_pos[:, :, None]) & (ctx_pos[None, None, :] < ctx[:, None, None])
+            mask = (ctx_pos[None, None, :] <= q_pos[:, :, None]) & (
+                ctx_pos[None, None, :] < ctx[:, None, None]
+            )
             mask = mask[:, None].to(device)
         return cls(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),

@@ -26,7 +26,9 @@ class CausalLM(nn.Module):
         self.rotary: RotaryEmbedding | None = None  # built after the weights are materialised
 
     def init_rotary(self, device: torch.device) -> None:
-        self.rotary = RotaryEmbedding(self.spec.rope, self.spec.head_dim, self.spec.max_position_embeddings, device)
+        self.rotary = RotaryEmbedding(
+            self.spec.rope, self.spec.head_dim, self.spec.max_position_embeddings, device
+        )
 
     @property
     def dtype(self) -> torch.dtype:

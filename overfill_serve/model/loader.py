@@ -40,7 +40,7 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     if not single.is_file():
         raise WeightLoadError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
     with safe_open(str(single), framework="pt") as f:
-        return {name: single for name in f.keys()}
+        return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
 
 
 def checkpoint_sources(spec: ModelSpec) -> dict[str, list[str]]:

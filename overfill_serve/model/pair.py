@@ -36,7 +36,12 @@ def compare_pair(
 ) -> list[FieldComparison]:
     """Field-by-field comparison of what the student's attention needs from the teacher's KV."""
     rows = [
-        FieldComparison(name, getattr(teacher, attr), getattr(student, attr), getattr(teacher, attr) == getattr(student, attr))
+        FieldComparison(
+            name,
+            getattr(teacher, attr),
+            getattr(student, attr),
+            getattr(teacher, attr) == getattr(student, attr),
+        )
         for name, attr in (
             ("num_kv_heads", "num_kv_heads"),
             ("head_dim", "head_dim"),
@@ -70,7 +75,9 @@ def check_pair(
     if bad:
         raise PairMismatchError(bad)
     kept = resolve_kept_layers(
-        kept_layers if kept_layers is not None else student.kept_layers, teacher.num_layers, student.num_layers
+        kept_layers if kept_layers is not None else student.kept_layers,
+        teacher.num_layers,
+        student.num_layers,
     )
     return KVLayout(
         num_teacher_layers=teacher.num_layers,

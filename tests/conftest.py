@@ -1,0 +1,81 @@
+"""Tiny random-weight pairs of the real architectures, built with the project's own tools once per session."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from overfill_serve.model.prune import prune_model
+from overfill_serve.model.random_model import make_random_model
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+CALIBRATION_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class Pair:
+    teacher: Path
+    student: Path
+    kept_layers: list[int] | None  # teacher layers the student's layers attend to (None: all)
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory) -> Path:
+    return make_random_model(
+        tmp_path_factory.mktemp("teacher"), num_layers=4, hidden_size=64, intermediate_size=128
+    )
+
+
+def _make_pair(tmp_path_factory, kind: str) -> Pair:
+    root = tmp_path_factory.mktemp(kind)
+    if kind == "identity":
+        t = make_random_model(root / "t", num_layers=4)
+        return Pair(t, t, None)
+    if kind == "width":  # hidden 42 is not a multiple of the 4 heads, as in the released 1689 / 24 decoder
+        t = make_random_model(root / "t", num_layers=4)
+        s = prune_model(
+            t, root / "s", hidden_size=42, intermediate_size=80, max_calibration_tokens=CALIBRATION_TOKENS
+        ).out_dir
+        return Pair(t, s, None)
+    if kind == "depth":
+        t = make_random_model(root / "t", num_layers=4)
+        report = prune_model(
+            t, root / "s", num_layers=2, kept_layers="firstlast", max_calibration_tokens=CALIBRATION_TOKENS
+        )
+        return Pair(t, report.out_dir, list(report.kept_layers))
+    if kind == "qwen2":  # q/k/v bias, untied head
+        t = make_random_model(root / "t", model_type="qwen2", num_layers=3, tie_word_embeddings=False)
+        s = prune_model(
+            t, root / "s", hidden_size=48, intermediate_size=96, max_calibration_tokens=CALIBRATION_TOKENS
+        ).out_dir
+        return Pair(t, s, None)
+    if kind == "llama3_rope":  # positions run past original_max_position_embeddings=32 in the tests
+        t = make_random_model(
+            root / "t", num_layers=3, rope_scaling=LLAMA3_ROPE, rope_theta=500000.0, attention_bias=True
+        )
+        s = prune_model(
+            t, root / "s", hidden_size=40, intermediate_size=64, max_calibration_tokens=CALIBRATION_TOKENS
+        ).out_dir
+        return Pair(t, s, None)
+    raise ValueError(kind)
+
+
+PAIR_KINDS = ("identity", "width", "depth", "qwen2", "llama3_rope")
+
+
+@pytest.fixture(scope="session")
+def pairs(tmp_path_factory) -> dict[str, Pair]:
+    return {kind: _make_pair(tmp_path_factory, kind) for kind in PAIR_KINDS}
+
+
+@pytest.fixture(scope="session")
+def width_pair(pairs) -> Pair:
+    return pairs["width"]

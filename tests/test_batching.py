@@ -1,0 +1,91 @@
+"""Continuous batching, chunked prefill and preemption give the tokens of one-at-a-time generation."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from overfill_serve import LLM, SamplingParams
+
+
+def _workload(n: int, seed: int = 0) -> list[tuple[list[int], SamplingParams]]:
+    rng = random.Random(seed)
+    return [
+        (
+            [rng.randrange(3, 500) for _ in range(rng.randint(1, 60))],
+            SamplingParams(max_tokens=rng.randint(1, 20), temperature=0, ignore_eos=True),
+        )
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(width_pair):
+    llm = LLM(width_pair.teacher, width_pair.student, num_kv_blocks=256, block_size=4)
+    return {i: llm.generate(p, sp)[0].token_ids for i, (p, sp) in enumerate(_workload(32))}
+
+
+def _run_staggered(llm: LLM, work, arrivals_per_step: int) -> dict[int, list[int]]:
+    """Requests arrive a few per engine step while others are mid-prefill or mid-decode."""
+    pending = list(enumerate(work))
+    ids: dict[str, int] = {}
+    tokens: dict[int, list[int]] = {}
+    while pending or llm.has_unfinished():
+        for _ in range(arrivals_per_step):
+            if pending:
+                i, (prompt, params) = pending.pop(0)
+                ids[llm.add_request(prompt, params)] = i
+        for out in llm.step():
+            tokens.setdefault(ids[out.request_id], []).extend(out.token_ids)
+    return tokens
+
+
+@pytest.mark.parametrize("batch", [1, 8, 32])
+def test_batched_equals_one_at_a_time(width_pair, one_at_a_time, batch):
+    llm = LLM(width_pair.teacher, width_pair.student, num_kv_blocks=256, block_size=4, max_num_seqs=batch)
+    work = _workload(32)
+    outs = llm.generate([p for p, _ in work], [sp for _, sp in work])
+    assert {i: o.token_ids for i, o in enumerate(outs)} == one_at_a_time
+    assert llm.pool.num_free == llm.pool.num_blocks
+
+
+@pytest.mark.parametrize("arrivals_per_step", [1, 3])
+def test_staggered_arrivals(width_pair, one_at_a_time, arrivals_per_step):
+    llm = LLM(width_pair.teacher, width_pair.student, num_kv_blocks=256, block_size=4, max_num_seqs=8)
+    assert _run_staggered(llm, _workload(32), arrivals_per_step) == one_at_a_time
+    assert llm.pool.num_free == llm.pool.num_blocks
+
+
+def test_chunked_prefill(width_pair, one_at_a_time):
+    """A token budget smaller than most prompts splits them over several prefill steps."""
+    llm = LLM(
+        width_pair.teacher, width_pair.student, num_kv_blocks=256, block_size=4, max_num_batched_tokens=7
+    )
+    assert _run_staggered(llm, _workload(32), 2) == one_at_a_time
+    assert llm.pool.num_free == llm.pool.num_blocks
+
+
+def test_preemption_keeps_outputs(width_pair, one_at_a_time):
+    """A pool far too small for the batch forces decode-side preemptions; every request still ends with the
+    same tokens, and the student recomputes its own KV for the tokens it had generated."""
+    llm = LLM(width_pair.teacher, width_pair.student, num_kv_blocks=24, block_size=4, max_num_seqs=32)
+    work = _workload(32)
+    outs = llm.generate([p for p, _ in work], [sp for _, sp in work])
+    assert {i: o.token_ids for i, o in enumerate(outs)} == one_at_a_time
+    assert sum(o.metrics.num_preemptions for o in outs) > 0
+    assert llm.pool.num_free == llm.pool.num_blocks
+
+
+def test_abort_mid_flight_frees_blocks(width_pair):
+    llm = LLM(width_pair.teacher, width_pair.student, num_kv_blocks=64, block_size=4)
+    params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    a = llm.add_request(list(range(10, 40)), params)
+    b = llm.add_request(list(range(50, 60)), params)
+    llm.step()  # both prefilled, first tokens sampled
+    llm.step()  # decoding
+    assert llm.pool.num_free < llm.pool.num_blocks
+    assert llm.abort(a) and llm.abort(b)
+    assert not llm.abort(a)
+    assert not llm.has_unfinished()
+    assert llm.pool.num_free == llm.pool.num_blocks

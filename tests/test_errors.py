@@ -1,0 +1,124 @@
+"""Bad input gets a typed error naming the problem, and loses nothing: the pool is full afterwards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from overfill_serve import LLM, SamplingParams
+from overfill_serve.errors import InvalidRequestError, ModelConfigError, PairMismatchError, WeightLoadError
+from overfill_serve.model.loader import load_model
+from overfill_serve.model.random_model import make_random_model
+
+
+@pytest.fixture(scope="module")
+def llm(width_pair):
+    return LLM(width_pair.teacher, width_pair.student, num_kv_blocks=32, block_size=4, max_model_len=64)
+
+
+@pytest.mark.parametrize(
+    ("call", "field", "words"),
+    [
+        (lambda llm: llm.generate(list(range(3, 70)), SamplingParams()), "prompt", "context limit is 64"),
+        (lambda llm: llm.generate([], SamplingParams()), "prompt", "non-empty"),
+        (lambda llm: llm.generate("", SamplingParams()), "prompt", "empty"),
+        (lambda llm: llm.generate([1, 10**6], SamplingParams()), "prompt", "token ids must be in"),
+        (lambda llm: llm.generate("hi", SamplingParams(), mode="turbo"), "mode", "unknown mode 'turbo'"),
+        (
+            lambda llm: llm.generate(["a", "b"], [SamplingParams()]),
+            "sampling_params",
+            "1 sampling params for 2",
+        ),
+        (lambda llm: llm.chat([{"content": "no role"}]), "messages", "role"),
+    ],
+)
+def test_bad_requests(llm, call, field, words):
+    with pytest.raises(InvalidRequestError, match=words) as e:
+        call(llm)
+    assert e.value.field == field
+    assert llm.pool.num_free == llm.pool.num_blocks and not llm.has_unfinished()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -3}, "max_tokens"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"presence_penalty": 3.0}, "presence_penalty"),
+        ({"logprobs": 50}, "logprobs"),
+        ({"stop": [""]}, "stop"),
+    ],
+)
+def test_bad_sampling_params(kwargs, field):
+    with pytest.raises(InvalidRequestError, match=field) as e:
+        SamplingParams(**kwargs)
+    assert e.value.field == field
+
+
+def test_batch_with_one_bad_prompt_submits_nothing(llm):
+    with pytest.raises(InvalidRequestError):
+        llm.generate([[5, 6, 7], list(range(3, 100))], SamplingParams(max_tokens=3))
+    assert llm.pool.num_free == llm.pool.num_blocks and not llm.has_unfinished()
+
+
+def test_generation_stops_at_context_limit(llm):
+    out = llm.generate(list(range(3, 60)), SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(out.prompt_token_ids) + len(out.token_ids) == 64
+
+
+def test_mismatched_pair_lists_every_field(tmp_path, width_pair):
+    other = make_random_model(
+        tmp_path / "other", num_layers=3, num_kv_heads=4, head_dim=8, rope_theta=5.0, vocab_size=600
+    )
+    with pytest.raises(PairMismatchError) as e:
+        LLM(width_pair.teacher, other, num_kv_blocks=8)
+    text = str(e.value)
+    for field in ("num_kv_heads", "head_dim", "rope", "vocab_size", "layers"):
+        assert field in text
+    assert len(e.value.mismatches) == 5
+
+
+def test_missing_and_unexpected_weights(tmp_path, width_pair):
+    broken = tmp_path / "broken"
+    shutil.copytree(width_pair.student, broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    tensors["model.layers.9.extra.weight"] = tensors["model.norm.weight"].clone()
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(WeightLoadError) as e:
+        LLM(width_pair.teacher, broken, num_kv_blocks=8)
+    assert "missing tensor model.layers.1.mlp.down_proj.weight" in str(e.value)
+    assert "unexpected tensor model.layers.9.extra.weight" in str(e.value)
+
+
+def test_wrong_shape_and_no_weights(tmp_path, width_pair):
+    broken = tmp_path / "shape"
+    shutil.copytree(width_pair.student, broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"][:-1].clone()
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(WeightLoadError, match=r"model.norm.weight has shape \(41,\), expected \(42,\)"):
+        load_model(broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(WeightLoadError, match="no model.safetensors"):
+        load_model(broken)
+
+
+def test_bad_model_directories(tmp_path, width_pair):
+    with pytest.raises(ModelConfigError, match="no config.json"):
+        LLM(tmp_path, width_pair.student)
+    cfg_dir = tmp_path / "gpt"
+    cfg_dir.mkdir()
+    (cfg_dir / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ModelConfigError, match="model_type 'gpt2' is not supported"):
+        LLM(cfg_dir, width_pair.student)
+    with pytest.raises(ModelConfigError, match="dtype 'int8'"):
+        LLM(width_pair.teacher, width_pair.student, dtype="int8")
