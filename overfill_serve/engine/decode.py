@@ -56,13 +56,15 @@ class DecodeEngine(StageEngine):
             if request not in self.running:
                 continue  # preempted below to make room for an older request
             need = blocks_for(request.num_tokens, self.block_size) - len(request.block_table)
-            while not self.pool.can_allocate(need):
+            blocks = self.pool.allocate(need)
+            while blocks is None:
                 victim = self._victim()
                 self._preempt(victim)
                 if victim is request:
                     break
-            if request in self.running:
-                request.block_table += self.pool.allocate(need)
+                blocks = self.pool.allocate(need)
+            if blocks is not None:
+                request.block_table += blocks
                 scheduled.append(request)
         return Batch(
             tuple(

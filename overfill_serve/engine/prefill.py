@@ -58,11 +58,11 @@ class PrefillEngine(StageEngine):
         seqs: list[ScheduledSeq] = []
         while self.waiting and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            need = blocks_for(request.num_prompt_tokens, self.block_size)
-            if not self.pool.can_allocate(need):
+            blocks = self.pool.allocate(blocks_for(request.num_prompt_tokens, self.block_size))
+            if blocks is None:
                 break  # FIFO: later prompts wait too, so a long prompt is not starved
             self.waiting.popleft()
-            request.block_table = self.pool.allocate(need)
+            request.block_table = blocks
             request.num_computed_tokens = 0
             request.mark(RequestStatus.PREFILLING)
             self.running.append(request)
