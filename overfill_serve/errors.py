@@ -37,3 +37,40 @@ class PairMismatchError(OverfillError, ValueError):
 
 class OutOfBlocksError(OverfillError):
     """The KV cache cannot hold a request even when it runs alone."""
+
+
+class TransferError(OverfillError):
+    """A KV transfer failed; the transfer's blocks have been freed on this side."""
+
+
+class AuthenticationError(TransferError):
+    """The peer could not prove it holds the cluster secret (or we could not)."""
+
+
+class LayoutMismatchError(TransferError):
+    """The two sides of a KV channel disagree on the KV layout; `mismatches` lists every differing field."""
+
+    def __init__(self, mismatches: list[str]) -> None:
+        super().__init__("KV layout mismatch:\n  " + "\n  ".join(mismatches))
+        self.mismatches = mismatches
+
+
+class ChunkError(TransferError):
+    """A received chunk is malformed: unknown transfer, layer or block range outside it, wrong size, bad
+    checksum. Nothing was written."""
+
+
+class TransferNotFoundError(TransferError):
+    """The transfer is unknown: never offered, already released, aborted, or its lease expired."""
+
+
+class TransferAbortedError(TransferError):
+    """The other side aborted the transfer."""
+
+
+class TransferTimeoutError(TransferError):
+    """The peer stalled past the configured bound."""
+
+
+class PeerUnavailableError(TransferError):
+    """The peer is unreachable or died mid-transfer."""
