@@ -74,3 +74,13 @@ class TransferTimeoutError(TransferError):
 
 class PeerUnavailableError(TransferError):
     """The peer is unreachable or died mid-transfer."""
+
+
+class PreemptedError(OverfillError):
+    """A disaggregated decode worker ran out of KV blocks and gave the request back. `output_token_ids` holds
+    what it generated; re-prefilling the prompt with them (see `PrefillWorker.submit`) continues it exactly."""
+
+    def __init__(self, request_id: str, output_token_ids: list[int]) -> None:
+        super().__init__(f"request {request_id} was preempted after {len(output_token_ids)} tokens")
+        self.request_id = request_id
+        self.output_token_ids = output_token_ids

@@ -146,21 +146,18 @@ def test_same_seed_same_tokens_regardless_of_batch() -> None:
     assert alone != run_seeded(30, seed=4321, others=0, position=0, other_seed=0)
 
 
-def test_request_generator_is_created_lazily_and_keeps_advancing() -> None:
+def test_each_step_draws_a_fresh_stream() -> None:
+    """Re-seeding from (seed, step) must not repeat the same draw at every step."""
     req = Request("a", [1], SamplingParams(seed=5))
-    assert req.generator is None
-    sampler = Sampler()
     logits = torch.zeros(1, 10000)  # uniform: each draw is a fresh, seed-determined token
-    first = sampler(logits, [req])[0].token_id
-    assert req.generator is not None
-    state = req.generator.get_state()
-    second = sampler(logits, [req])[0].token_id
-    assert not torch.equal(state, req.generator.get_state())
-    # A second sampler (the other stage's engine) continues the same stream instead of restarting it.
-    fresh = Request("b", [1], SamplingParams(seed=5))
-    expected = [Sampler()(logits, [fresh])[0].token_id for _ in range(3)]
-    third = Sampler()(logits, [req])[0].token_id
-    assert [first, second, third] == expected
+    sampler = Sampler()
+    for _ in range(4):
+        req.output_token_ids.append(sampler(logits, [req])[0].token_id)
+    assert len(set(req.output_token_ids)) == 4
+    again = Request("b", [1], SamplingParams(seed=5))
+    for _ in range(4):
+        again.output_token_ids.append(sampler(logits, [again])[0].token_id)
+    assert again.output_token_ids == req.output_token_ids
 
 
 def test_penalties_match_hand_computation() -> None:
@@ -241,3 +238,17 @@ def test_rejects_mismatched_batch() -> None:
     with pytest.raises(ValueError):
         Sampler()(torch.zeros(2, 5), make_requests(3, SamplingParams()))
     assert Sampler()(torch.zeros(0, 5), []) == []
+
+
+def test_seeded_step_depends_only_on_request_history() -> None:
+    """A fresh Request with the same seed and the same tokens so far (another process after a KV handover,
+    or a migrated request) samples the same next token as the original."""
+    logits = torch.randn(1, 400, generator=torch.Generator().manual_seed(3))
+    params = SamplingParams(temperature=1.0, seed=42)
+    original = Request("a", [1, 2], params)
+    sampler = Sampler()
+    for _ in range(5):
+        original.output_token_ids.append(sampler(logits, [original])[0].token_id)
+    elsewhere = Request("b", [1, 2], params, output_token_ids=list(original.output_token_ids[:3]))
+    replay = [Sampler()(logits, [elsewhere])[0].token_id]
+    assert replay[0] == original.output_token_ids[3]

@@ -9,7 +9,9 @@ the tokens it generated.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -34,13 +36,15 @@ class PrefillEngine(StageEngine):
         runner: ModelRunner,
         pool: BlockPool,
         sampler: Sampler,
-        output: OutputProcessor,
+        output: OutputProcessor | None,
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 64,
+        on_layer: Callable[[Batch, int], None] | None = None,
     ) -> None:
         super().__init__(runner, pool, sampler, output)  # running: blocks allocated, prompt partly computed
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
+        self.on_layer = on_layer  # called after each layer's forward: lets a KV channel stream layer by layer
 
     def add(self, request: Request, front: bool = False) -> None:
         request.mark(RequestStatus.ROUTED)
@@ -50,7 +54,8 @@ class PrefillEngine(StageEngine):
         batch = self._schedule()
         if not batch:
             return PrefillResult((), ())
-        logits = self.runner.run(batch)
+        hook = None if self.on_layer is None else partial(self.on_layer, batch)
+        logits = self.runner.run(batch, on_layer=hook)
         return self._postprocess(batch, logits)
 
     def _schedule(self) -> Batch:
@@ -97,7 +102,12 @@ class PrefillEngine(StageEngine):
         outputs = []
         for request, token in zip(sampling, sampled):
             request.stamp("first_token")
-            outputs.append(self.output.append(request, token))
+            if self.output is not None:
+                outputs.append(self.output.append(request, token))
+            else:  # disaggregated: the decode side detokenizes and checks stops, first token included
+                request.output_token_ids.append(token.token_id)
+                if token.logprob is not None:
+                    request.output_logprobs.append(token.logprob)
         handed_over = []
         for request in done:
             self.running.remove(request)

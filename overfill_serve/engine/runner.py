@@ -5,6 +5,8 @@ Runners hold no queues; a runner knows its model, the cache and which cache laye
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from overfill_serve.engine.batch import Batch
@@ -21,7 +23,7 @@ class ModelRunner:
         self.kv = cache.layers(cache_layers)
         self.device = model.device
 
-    def run(self, batch: Batch) -> torch.Tensor:
+    def run(self, batch: Batch, on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Logits [rows, vocab] (float32) for the sequences with `needs_logits`, in batch order."""
         seqs = batch.seqs
         tokens = [t for s in seqs for t in s.token_ids]
@@ -41,4 +43,5 @@ class ModelRunner:
             self.kv,
             meta,
             logits_index.to(self.device),
+            on_layer,
         )

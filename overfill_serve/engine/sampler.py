@@ -31,8 +31,8 @@ class Sampler:
     """Turns a [B, V] batch of next-token logits into one token per request.
 
     `seed` seeds the generator shared by the unseeded rows (one per device); None uses torch's global RNG.
-    A request with `params.seed` gets its own generator in `request.generator`, created on first use and
-    advanced by every later step, whichever engine (prefill or decode model) samples that step.
+    A request with `params.seed` samples from its own generator, re-seeded at every step from the seed and
+    the step number, so its tokens do not depend on where (or next to what) each step runs.
     """
 
     def __init__(self, seed: int | None = None) -> None:
@@ -115,10 +115,8 @@ class Sampler:
         for j, req in enumerate(requests):
             if req.params.seed is None:
                 continue
-            gen = _request_generator(req, device)
-            # Draw on the generator's own device: after a handover to a model on another device the
-            # request keeps advancing the same stream instead of restarting it.
-            q = _exponential(torch.empty(vocab, device=gen.device), gen).to(device)
+            # Seeded draws are made on the CPU so a seed means the same tokens on every device.
+            q = _exponential(torch.empty(vocab), _request_generator(req)).to(device)
             out[j] = (probs[j] / q).argmax()
         return out
 
@@ -206,12 +204,19 @@ def _nucleus_cut(
     return sorted_logits.gather(1, keep - 1), covered
 
 
-def _request_generator(request: Request, device: torch.device) -> torch.Generator:
+def _request_generator(request: Request) -> torch.Generator:
+    """The request's generator, re-seeded from (seed, number of tokens sampled so far).
+
+    Deriving each step's stream from the request alone makes a seeded request reproducible wherever its steps
+    run: the teacher's first token and the student's continuation in another process, or a request migrated
+    to another decode replica, draw exactly what one process would have drawn.
+    """
     if request.generator is None:
-        assert request.params.seed is not None
-        gen = torch.Generator(device=device)
-        gen.manual_seed(request.params.seed)
-        request.generator = gen
+        request.generator = torch.Generator()
+    seed = request.params.seed
+    assert seed is not None
+    step = len(request.output_token_ids)
+    request.generator.manual_seed((seed * 0x9E3779B1 + step * 0x85EBCA77) % (1 << 63))
     return request.generator
 
 

@@ -43,4 +43,5 @@ class StageEngine:
         request.block_table = []
         request.finish_reason = request.finish_reason or reason
         request.mark(status)
-        self.output.release(request.request_id)
+        if self.output is not None:
+            self.output.release(request.request_id)

@@ -52,3 +52,23 @@ class PagedKVCache:
     @property
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block of one layer's K (or V)."""
+        return self.block_size * self.num_kv_heads * self.head_dim * self.tensor.element_size()
+
+    def read_blocks(self, layer: int, block_ids: list[int]) -> torch.Tensor:
+        """A contiguous copy of one layer's blocks, [2 (K, V), n, block_size, kv_heads, head_dim]."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.tensor.device)
+        return self.tensor[layer].index_select(1, index)
+
+    def write_blocks(self, layer: int, block_ids: list[int], data: torch.Tensor) -> None:
+        """Inverse of `read_blocks`: data [2, n, block_size, kv_heads, head_dim] into the given blocks."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.tensor.device)
+        self.tensor[layer].index_copy_(1, index, data.to(self.tensor.device))
+
+    def block_address(self, layer: int, kind: int, block: int) -> int:
+        """Memory address of one block of one layer's K (kind 0) or V (kind 1): what an RDMA reader needs."""
+        index = (layer * 2 + kind) * self.num_blocks + block
+        return self.tensor.data_ptr() + index * self.block_bytes

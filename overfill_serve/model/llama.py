@@ -7,6 +7,8 @@ decodes), which is most of the saving of a prefill.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -46,14 +48,18 @@ class CausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
         logits_index: torch.Tensor,
+        on_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """input_ids/positions: [T]; kv_caches[j]: (K, V) cache of model layer j; returns float32 logits for
-        the rows `logits_index` selects."""
+        the rows `logits_index` selects. `on_layer(j)` runs once layer j's KV is in the cache (on a GPU, its
+        kernels are queued on the current stream, so a reader on that stream sees them)."""
         assert self.rotary is not None, "init_rotary() was not called"
         assert len(kv_caches) == len(self.layers)
         x = self.embed_tokens(input_ids)
         cos_sin = self.rotary(positions, x.dtype)
-        for layer, kv in zip(self.layers, kv_caches):
+        for j, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
             x = layer(x, cos_sin, kv, meta)
+            if on_layer is not None:
+                on_layer(j)
         x = self.norm(x[logits_index])
         return self.lm_head(x).float()

@@ -204,12 +204,12 @@ class KVLayout:
     dtype: str
     block_size: int
 
-    def diff(self, other: KVLayout) -> list[str]:
-        """One line per differing field, empty when the layouts match."""
+    def diff(self, other: KVLayout, ignore: tuple[str, ...] = ()) -> list[str]:
+        """One line per differing field (except `ignore`d ones), empty when the layouts match."""
         return [
             f"{f.name}: {getattr(self, f.name)!r} != {getattr(other, f.name)!r}"
             for f in fields(self)
-            if getattr(self, f.name) != getattr(other, f.name)
+            if f.name not in ignore and getattr(self, f.name) != getattr(other, f.name)
         ]
 
     def to_dict(self) -> dict[str, Any]:

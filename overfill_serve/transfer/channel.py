@@ -1,0 +1,122 @@
+"""`KVChannel`: a decode worker's authenticated connection to one prefill worker's KV server."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+import msgpack
+
+from overfill_serve._proto.overfill.v1 import kv_transfer_pb2 as pb
+from overfill_serve._proto.overfill.v1 import kv_transfer_pb2_grpc as pb_grpc
+from overfill_serve.errors import AuthenticationError, LayoutMismatchError, TransferError
+from overfill_serve.kv.paged_cache import PagedKVCache
+from overfill_serve.model.spec import KVLayout
+from overfill_serve.transfer import auth
+from overfill_serve.transfer.config import SESSION_KEY, TransferConfig
+from overfill_serve.transfer.registry import Completion
+from overfill_serve.transfer.status import error_from_rpc
+from overfill_serve.transfer.transport import KVTransport, make_transport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    transfer_id: str
+    backend: str
+    nbytes: int
+    seconds: float  # from the pull's start to the completion
+    queue_seconds: float  # from the pull's start to the first KV byte (waiting on the prefill included)
+
+    @property
+    def gbps(self) -> float:
+        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+class KVChannel:
+    def __init__(
+        self, address: str, layout: KVLayout, cache: PagedKVCache, config: TransferConfig,
+        client_id: str = "decode", transport: KVTransport | None = None,
+    ) -> None:
+        assert cache.num_layers == len(layout.kept_layers), "the decode pool holds exactly the kept layers"
+        self.address, self.layout, self.cache, self.config = address, layout, cache, config
+        self.client_id = client_id
+        self.secret = auth.load_secret(config.secret)
+        self.transport = transport or make_transport(config.backend)
+        opts = [("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+        self.grpc_channel = grpc.insecure_channel(address, options=opts)
+        self.stub = pb_grpc.KVTransferStub(self.grpc_channel)
+        self.metadata: tuple[tuple[str, str], ...] = ()
+        self.remote_layout: KVLayout | None = None
+
+    def connect(self) -> KVChannel:
+        """Challenge-response handshake: both sides prove the secret, both check the layouts."""
+        t = self.config.timeout_seconds
+        layout_bytes = msgpack.packb(self.layout.to_dict())
+        try:
+            server_nonce = self.stub.Challenge(pb.ChallengeRequest(), timeout=t).server_nonce
+            client_nonce = auth.new_nonce()
+            response = self.stub.Handshake(pb.HandshakeRequest(
+                client_id=self.client_id, server_nonce=server_nonce, client_nonce=client_nonce,
+                layout=layout_bytes, mac=auth.client_mac(self.secret, server_nonce, client_nonce, layout_bytes),
+                backend=self.transport.name, nixl_agent_metadata=self.transport.hello(),
+            ), timeout=t)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e, f"handshake with {self.address}") from None
+        expected = auth.server_mac(self.secret, client_nonce, server_nonce, response.session, response.layout)
+        if not auth.verify(expected, response.mac):
+            raise AuthenticationError(f"{self.address} failed to prove the cluster secret")
+        remote = KVLayout.from_dict(msgpack.unpackb(response.layout))
+        problems = self.layout.diff(remote, ignore=("kept_layers", "num_teacher_layers"))
+        if problems:
+            raise LayoutMismatchError(problems)
+        self.remote_layout = remote
+        self.metadata = ((SESSION_KEY, response.session),)
+        self.transport.connected(self, response)
+        return self
+
+    def pull(self, transfer_id: str, dest_blocks: list[int], num_tokens: int) -> tuple[Completion, TransferStats]:
+        """Receive a transfer into dest_blocks, then release it on the prefill side. On any failure the
+        prefill side is told to abort (best effort) and a `TransferError` is raised."""
+        assert self.metadata, "connect() first"
+        start = time.perf_counter()
+        try:
+            received = self.transport.receive(self, transfer_id, dest_blocks, num_tokens)
+        except TransferError as e:
+            self.abort(transfer_id, str(e))
+            raise
+        end = time.perf_counter()
+        self.release(transfer_id)
+        stats = TransferStats(transfer_id, self.transport.name, received.nbytes, end - start,
+                              (received.first_byte_at or end) - start)
+        log.debug("transfer %s: %d bytes in %.4fs (%.2f GB/s, queued %.4fs) over %s", transfer_id,
+                  stats.nbytes, stats.seconds, stats.gbps, stats.queue_seconds, stats.backend)
+        return received.completion, stats
+
+    def release(self, transfer_id: str) -> None:
+        self._control(self.stub.Release, pb.TransferRef(transfer_id=transfer_id), "release")
+
+    def renew(self, transfer_id: str) -> float:
+        return self._control(self.stub.RenewLease, pb.TransferRef(transfer_id=transfer_id), "renew").seconds_left
+
+    def abort(self, transfer_id: str, reason: str) -> None:
+        """Best effort: a dead peer's transfers are cleaned up on its side by its own lease or restart."""
+        try:
+            self._control(self.stub.Abort, pb.AbortRequest(transfer_id=transfer_id, reason=reason), "abort")
+        except TransferError as e:
+            log.debug("abort of %s not delivered: %s", transfer_id, e)
+
+    def close(self) -> None:
+        self.transport.close()
+        self.grpc_channel.close()
+
+    def _control(self, rpc, request, what: str):  # type: ignore[no-untyped-def]
+        try:
+            return rpc(request, metadata=self.metadata, timeout=self.config.timeout_seconds)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e, f"{what} with {self.address}") from None

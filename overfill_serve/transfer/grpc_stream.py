@@ -1,0 +1,64 @@
+"""`GrpcStreamTransport`: receive a transfer as a stream of checked chunks over gRPC."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import TYPE_CHECKING
+
+import grpc
+import torch
+
+from overfill_serve._proto.overfill.v1 import kv_transfer_pb2 as pb
+from overfill_serve.errors import ChunkError
+from overfill_serve.transfer.chunk import ChunkHeader, check_chunk
+from overfill_serve.transfer.status import error_from_rpc
+from overfill_serve.transfer.transport import KVTransport, Received, completion_from_pb
+
+if TYPE_CHECKING:
+    from overfill_serve.transfer.channel import KVChannel
+
+
+class GrpcStreamTransport(KVTransport):
+    name = "grpc"
+
+    def receive(self, channel: KVChannel, transfer_id: str, dest_blocks: list[int], num_tokens: int) -> Received:
+        cache, layout, config = channel.cache, channel.layout, channel.config
+        local = {teacher_layer: j for j, teacher_layer in enumerate(layout.kept_layers)}
+        received: dict[int, set[int]] = {layer: set() for layer in local}
+        shape = (cache.block_size, cache.num_kv_heads, cache.head_dim)
+        nbytes, first_byte_at = 0, 0.0
+        stream = channel.stub.Pull(
+            pb.PullRequest(transfer_id=transfer_id, max_chunk_bytes=config.chunk_bytes),
+            metadata=channel.metadata,
+            timeout=config.timeout_seconds,
+        )
+        try:
+            for msg in stream:
+                if msg.HasField("done"):
+                    missing = sum(len(dest_blocks) - len(got) for got in received.values())
+                    if missing:
+                        raise ChunkError(f"transfer {transfer_id} completed with {missing} blocks never sent")
+                    completion = completion_from_pb(msg.done, num_tokens)
+                    return Received(completion, nbytes, first_byte_at)
+                header = ChunkHeader.decode(msg.header)
+                check_chunk(
+                    header, msg.payload, transfer_id=transfer_id, layers=frozenset(local),
+                    num_blocks=len(dest_blocks), block_bytes=cache.block_bytes,
+                )
+                run = range(header.block_start, header.block_start + header.block_count)
+                if received[header.layer].intersection(run):
+                    raise ChunkError(f"layer {header.layer} blocks {run.start}..{run.stop - 1} sent twice")
+                received[header.layer].update(run)
+                with warnings.catch_warnings():  # read-only bytes: only copied from, never written
+                    warnings.simplefilter("ignore", UserWarning)
+                    raw = torch.frombuffer(msg.payload, dtype=torch.uint8)
+                data = raw.view(cache.tensor.dtype).view(2, header.block_count, *shape)
+                cache.write_blocks(local[header.layer], dest_blocks[run.start : run.stop], data)
+                first_byte_at = first_byte_at or time.perf_counter()
+                nbytes += len(msg.payload)
+            raise ChunkError(f"transfer {transfer_id}: the stream ended without a completion")
+        except grpc.RpcError as e:
+            raise error_from_rpc(e, f"pulling transfer {transfer_id}") from None
+        finally:
+            stream.cancel()  # no-op after a clean end; stops the server's sends after an error

@@ -1,0 +1,65 @@
+"""`KVTransport`: how a decode worker receives a transfer's KV into its own blocks (the data plane).
+
+Two implementations, chosen by `TransferConfig.backend`: `GrpcStreamTransport` (chunked bytes over the
+control channel's gRPC connection; any TCP network) and `NixlTransport` (RDMA READs of the prefill side's
+registered pool; descriptors come over gRPC).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from overfill_serve._proto.overfill.v1 import kv_transfer_pb2 as pb
+from overfill_serve.errors import ChunkError
+from overfill_serve.request import TokenLogprob
+from overfill_serve.transfer.registry import Completion
+
+if TYPE_CHECKING:
+    from overfill_serve.transfer.channel import KVChannel
+
+
+@dataclass(frozen=True)
+class Received:
+    completion: Completion
+    nbytes: int
+    first_byte_at: float  # time.perf_counter() when the first KV byte arrived (queue time ends there)
+
+
+class KVTransport(ABC):
+    name: str
+
+    def hello(self) -> bytes:
+        """What this transport adds to the handshake (a NIXL agent's metadata)."""
+        return b""
+
+    def connected(self, channel: KVChannel, response: pb.HandshakeResponse) -> None:
+        """Handshake done: e.g. load the remote NIXL agent."""
+
+    @abstractmethod
+    def receive(self, channel: KVChannel, transfer_id: str, dest_blocks: list[int], num_tokens: int) -> Received:
+        """Fill dest_blocks (this side's pool) with the KV of the transfer's num_tokens prompt tokens, kept
+        layers only; return the first token. Raises a `TransferError`; writes nothing outside dest_blocks."""
+
+    def close(self) -> None:
+        pass
+
+
+def completion_from_pb(msg: pb.Completion, expected_tokens: int) -> Completion:
+    if msg.num_tokens != expected_tokens:
+        raise ChunkError(f"completion covers {msg.num_tokens} tokens, expected {expected_tokens}")
+    logprob = None
+    if msg.has_logprob:
+        logprob = TokenLogprob(msg.first_token, msg.logprob, tuple(zip(msg.top_ids, msg.top_logprobs)))
+    return Completion(msg.first_token, msg.num_tokens, logprob)
+
+
+def make_transport(backend: str) -> KVTransport:
+    if backend == "nixl":
+        from overfill_serve.transfer.nixl import NixlTransport
+
+        return NixlTransport()
+    from overfill_serve.transfer.grpc_stream import GrpcStreamTransport
+
+    return GrpcStreamTransport()
