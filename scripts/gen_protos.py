@@ -27,15 +27,20 @@ def generate(out: Path) -> None:
         raise SystemExit("protoc failed")
     for path in out.rglob("*.py*"):
         # protoc writes imports relative to protos/ ("from overfill.v1 import x_pb2"); make them absolute.
-        text = re.sub(r"^from overfill\.", "from overfill_serve._proto.overfill.", path.read_text(), flags=re.M)
+        text = re.sub(
+            r"^from overfill\.", "from overfill_serve._proto.overfill.", path.read_text(), flags=re.M
+        )
         path.write_text(text)
     for d in [out, *[p for p in out.rglob("*") if p.is_dir()]]:
         (d / "__init__.py").touch()
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()
-            and "__pycache__" not in p.parts}
+    return {
+        str(p.relative_to(root)): p.read_text()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
 
 
 def main() -> None:

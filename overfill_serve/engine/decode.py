@@ -92,6 +92,7 @@ class DecodeEngine(StageEngine):
         self.preempt(request)
 
     def _postprocess(self, batch: Batch, logits: torch.Tensor) -> list[StepOutput]:
+        assert self.output is not None, "the decode stage always detokenizes and checks stops"
         by_id = {r.request_id: r for r in self.running}
         requests = [by_id[s.request_id] for s in batch.seqs]
         outputs = []

@@ -18,7 +18,7 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 
 class StageEngine:
     def __init__(
-        self, runner: ModelRunner, pool: BlockPool, sampler: Sampler, output: OutputProcessor
+        self, runner: ModelRunner, pool: BlockPool, sampler: Sampler, output: OutputProcessor | None
     ) -> None:
         self.runner, self.pool, self.sampler, self.output = runner, pool, sampler, output
         self.block_size = runner.cache.block_size

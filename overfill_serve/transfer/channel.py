@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import msgpack
@@ -38,17 +39,26 @@ class TransferStats:
 
 class KVChannel:
     def __init__(
-        self, address: str, layout: KVLayout, cache: PagedKVCache, config: TransferConfig,
-        client_id: str = "decode", transport: KVTransport | None = None,
+        self,
+        address: str,
+        layout: KVLayout,
+        cache: PagedKVCache,
+        config: TransferConfig,
+        client_id: str = "decode",
+        transport: KVTransport | None = None,
     ) -> None:
         assert cache.num_layers == len(layout.kept_layers), "the decode pool holds exactly the kept layers"
         self.address, self.layout, self.cache, self.config = address, layout, cache, config
         self.client_id = client_id
         self.secret = auth.load_secret(config.secret)
         self.transport = transport or make_transport(config.backend)
-        opts = [("grpc.max_send_message_length", config.max_message_bytes),
-                ("grpc.max_receive_message_length", config.max_message_bytes),
-                ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+        self.transport.prepare(cache)
+        opts = [
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+        ]
         self.grpc_channel = grpc.insecure_channel(address, options=opts)
         self.stub = pb_grpc.KVTransferStub(self.grpc_channel)
         self.metadata: tuple[tuple[str, str], ...] = ()
@@ -61,11 +71,18 @@ class KVChannel:
         try:
             server_nonce = self.stub.Challenge(pb.ChallengeRequest(), timeout=t).server_nonce
             client_nonce = auth.new_nonce()
-            response = self.stub.Handshake(pb.HandshakeRequest(
-                client_id=self.client_id, server_nonce=server_nonce, client_nonce=client_nonce,
-                layout=layout_bytes, mac=auth.client_mac(self.secret, server_nonce, client_nonce, layout_bytes),
-                backend=self.transport.name, nixl_agent_metadata=self.transport.hello(),
-            ), timeout=t)
+            response = self.stub.Handshake(
+                pb.HandshakeRequest(
+                    client_id=self.client_id,
+                    server_nonce=server_nonce,
+                    client_nonce=client_nonce,
+                    layout=layout_bytes,
+                    mac=auth.client_mac(self.secret, server_nonce, client_nonce, layout_bytes),
+                    backend=self.transport.name,
+                    nixl_agent_metadata=self.transport.hello(),
+                ),
+                timeout=t,
+            )
         except grpc.RpcError as e:
             raise error_from_rpc(e, f"handshake with {self.address}") from None
         expected = auth.server_mac(self.secret, client_nonce, server_nonce, response.session, response.layout)
@@ -80,7 +97,9 @@ class KVChannel:
         self.transport.connected(self, response)
         return self
 
-    def pull(self, transfer_id: str, dest_blocks: list[int], num_tokens: int) -> tuple[Completion, TransferStats]:
+    def pull(
+        self, transfer_id: str, dest_blocks: list[int], num_tokens: int
+    ) -> tuple[Completion, TransferStats]:
         """Receive a transfer into dest_blocks, then release it on the prefill side. On any failure the
         prefill side is told to abort (best effort) and a `TransferError` is raised."""
         assert self.metadata, "connect() first"
@@ -92,17 +111,31 @@ class KVChannel:
             raise
         end = time.perf_counter()
         self.release(transfer_id)
-        stats = TransferStats(transfer_id, self.transport.name, received.nbytes, end - start,
-                              (received.first_byte_at or end) - start)
-        log.debug("transfer %s: %d bytes in %.4fs (%.2f GB/s, queued %.4fs) over %s", transfer_id,
-                  stats.nbytes, stats.seconds, stats.gbps, stats.queue_seconds, stats.backend)
+        stats = TransferStats(
+            transfer_id,
+            self.transport.name,
+            received.nbytes,
+            end - start,
+            (received.first_byte_at or end) - start,
+        )
+        log.debug(
+            "transfer %s: %d bytes in %.4fs (%.2f GB/s, queued %.4fs) over %s",
+            transfer_id,
+            stats.nbytes,
+            stats.seconds,
+            stats.gbps,
+            stats.queue_seconds,
+            stats.backend,
+        )
         return received.completion, stats
 
     def release(self, transfer_id: str) -> None:
         self._control(self.stub.Release, pb.TransferRef(transfer_id=transfer_id), "release")
 
     def renew(self, transfer_id: str) -> float:
-        return self._control(self.stub.RenewLease, pb.TransferRef(transfer_id=transfer_id), "renew").seconds_left
+        return self._control(
+            self.stub.RenewLease, pb.TransferRef(transfer_id=transfer_id), "renew"
+        ).seconds_left
 
     def abort(self, transfer_id: str, reason: str) -> None:
         """Best effort: a dead peer's transfers are cleaned up on its side by its own lease or restart."""
@@ -115,7 +148,7 @@ class KVChannel:
         self.transport.close()
         self.grpc_channel.close()
 
-    def _control(self, rpc, request, what: str):  # type: ignore[no-untyped-def]
+    def _control(self, rpc: Any, request: Any, what: str) -> Any:
         try:
             return rpc(request, metadata=self.metadata, timeout=self.config.timeout_seconds)
         except grpc.RpcError as e:

@@ -46,7 +46,9 @@ class ChunkHeader:
         return cls(**raw)
 
 
-def make_chunk(transfer_id: str, layer: int, block_start: int, block_count: int, payload: bytes) -> ChunkHeader:
+def make_chunk(
+    transfer_id: str, layer: int, block_start: int, block_count: int, payload: bytes
+) -> ChunkHeader:
     return ChunkHeader(transfer_id, layer, block_start, block_count, len(payload), zlib.crc32(payload))
 
 
@@ -64,7 +66,11 @@ def check_chunk(
         raise ChunkError(f"chunk for transfer {header.transfer_id!r} arrived on transfer {transfer_id!r}")
     if header.layer not in layers:
         raise ChunkError(f"chunk for layer {header.layer}, which this transfer does not carry")
-    if header.block_count <= 0 or header.block_start < 0 or header.block_start + header.block_count > num_blocks:
+    if (
+        header.block_count <= 0
+        or header.block_start < 0
+        or header.block_start + header.block_count > num_blocks
+    ):
         raise ChunkError(
             f"chunk blocks [{header.block_start}, {header.block_start + header.block_count}) fall outside "
             f"the transfer's {num_blocks} blocks"

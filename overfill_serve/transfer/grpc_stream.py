@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 class GrpcStreamTransport(KVTransport):
     name = "grpc"
 
-    def receive(self, channel: KVChannel, transfer_id: str, dest_blocks: list[int], num_tokens: int) -> Received:
+    def receive(
+        self, channel: KVChannel, transfer_id: str, dest_blocks: list[int], num_tokens: int
+    ) -> Received:
         cache, layout, config = channel.cache, channel.layout, channel.config
         local = {teacher_layer: j for j, teacher_layer in enumerate(layout.kept_layers)}
         received: dict[int, set[int]] = {layer: set() for layer in local}
@@ -43,8 +45,12 @@ class GrpcStreamTransport(KVTransport):
                     return Received(completion, nbytes, first_byte_at)
                 header = ChunkHeader.decode(msg.header)
                 check_chunk(
-                    header, msg.payload, transfer_id=transfer_id, layers=frozenset(local),
-                    num_blocks=len(dest_blocks), block_bytes=cache.block_bytes,
+                    header,
+                    msg.payload,
+                    transfer_id=transfer_id,
+                    layers=frozenset(local),
+                    num_blocks=len(dest_blocks),
+                    block_bytes=cache.block_bytes,
                 )
                 run = range(header.block_start, header.block_start + header.block_count)
                 if received[header.layer].intersection(run):

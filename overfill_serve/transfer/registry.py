@@ -20,7 +20,6 @@ from overfill_serve.errors import TransferAbortedError, TransferNotFoundError, T
 from overfill_serve.kv.block_pool import BlockPool
 from overfill_serve.request import Request, TokenLogprob
 
-
 MAX_TOMBSTONES = 10_000  # ended transfers remembered so a late caller learns why, not just "unknown"
 
 
@@ -160,7 +159,9 @@ class TransferRegistry:
                     return transfer
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TransferTimeoutError(f"transfer {transfer_id}: prefill not ready within {timeout:.1f}s")
+                    raise TransferTimeoutError(
+                        f"transfer {transfer_id}: prefill not ready within {timeout:.1f}s"
+                    )
                 self._cond.wait(left)
 
     def _end(self, transfer_id: str, state: TransferState, reason: str) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from overfill_serve._proto.overfill.v1 import kv_transfer_pb2 as pb
 from overfill_serve._proto.overfill.v1 import kv_transfer_pb2_grpc as pb_grpc
-from overfill_serve.errors import AuthenticationError, LayoutMismatchError, TransferError
+from overfill_serve.errors import LayoutMismatchError, TransferError
 from overfill_serve.kv.paged_cache import PagedKVCache
 from overfill_serve.model.spec import KVLayout
 from overfill_serve.transfer import auth
@@ -51,8 +51,13 @@ def completion_to_pb(c: Completion) -> pb.Completion:
 
 class KVTransferServicer(pb_grpc.KVTransferServicer):
     def __init__(
-        self, cache: PagedKVCache, registry: TransferRegistry, layout: KVLayout, config: TransferConfig,
-        secret: bytes, nixl_source: Any = None,
+        self,
+        cache: PagedKVCache,
+        registry: TransferRegistry,
+        layout: KVLayout,
+        config: TransferConfig,
+        secret: bytes,
+        nixl_source: Any = None,
     ) -> None:
         self.cache, self.registry, self.layout, self.config = cache, registry, layout, config
         self.secret = secret
@@ -99,8 +104,9 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         with self._lock:
             self._sessions[session] = Session(request.client_id, theirs, request.backend)
         response.session = session
-        response.mac = auth.server_mac(self.secret, request.client_nonce, request.server_nonce, session,
-                                       response.layout)
+        response.mac = auth.server_mac(
+            self.secret, request.client_nonce, request.server_nonce, session, response.layout
+        )
         return response
 
     def Release(self, request: pb.TransferRef, context: grpc.ServicerContext) -> pb.Ack:
@@ -129,7 +135,9 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
             blocks = list(transfer.block_ids)
             for start in range(0, len(blocks), per_chunk):
                 run = blocks[start : start + per_chunk]
-                payload = self.cache.read_blocks(layer, run).cpu().view(-1).view(torch.uint8).numpy().tobytes()
+                payload = (
+                    self.cache.read_blocks(layer, run).cpu().view(-1).view(torch.uint8).numpy().tobytes()
+                )
                 header = make_chunk(tid, layer, start, len(run), payload).encode()
                 if self.chunk_filter is not None:
                     header, payload = self.chunk_filter(header, payload)
@@ -190,8 +198,10 @@ class KVTransferServer:
 
     def __init__(self, servicer: KVTransferServicer, config: TransferConfig) -> None:
         self.servicer, self.config = servicer, config
-        opts = [("grpc.max_send_message_length", config.max_message_bytes),
-                ("grpc.max_receive_message_length", config.max_message_bytes)]
+        opts = [
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+        ]
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers), options=opts)
         pb_grpc.add_KVTransferServicer_to_server(servicer, self.server)
         self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")

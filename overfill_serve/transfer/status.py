@@ -34,7 +34,7 @@ def status_of(error: TransferError) -> grpc.StatusCode:
 
 
 def error_from_rpc(e: grpc.RpcError, what: str) -> TransferError:
-    code, details = e.code(), e.details() or ""  # type: ignore[attr-defined]
+    code, details = e.code(), e.details() or ""
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         return LayoutMismatchError([line.strip() for line in details.splitlines()[1:]] or [details])
     for cls, c in _CODES:

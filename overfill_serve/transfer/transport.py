@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from overfill_serve._proto.overfill.v1 import kv_transfer_pb2 as pb
 from overfill_serve.errors import ChunkError
+from overfill_serve.kv.paged_cache import PagedKVCache
 from overfill_serve.request import TokenLogprob
 from overfill_serve.transfer.registry import Completion
 
@@ -30,19 +31,24 @@ class Received:
 class KVTransport(ABC):
     name: str
 
+    def prepare(self, cache: PagedKVCache) -> None:  # noqa: B027 (optional hook)
+        """Bind to this side's KV pool (a NIXL agent registers it once)."""
+
     def hello(self) -> bytes:
         """What this transport adds to the handshake (a NIXL agent's metadata)."""
         return b""
 
-    def connected(self, channel: KVChannel, response: pb.HandshakeResponse) -> None:
+    def connected(self, channel: KVChannel, response: pb.HandshakeResponse) -> None:  # noqa: B027
         """Handshake done: e.g. load the remote NIXL agent."""
 
     @abstractmethod
-    def receive(self, channel: KVChannel, transfer_id: str, dest_blocks: list[int], num_tokens: int) -> Received:
+    def receive(
+        self, channel: KVChannel, transfer_id: str, dest_blocks: list[int], num_tokens: int
+    ) -> Received:
         """Fill dest_blocks (this side's pool) with the KV of the transfer's num_tokens prompt tokens, kept
         layers only; return the first token. Raises a `TransferError`; writes nothing outside dest_blocks."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook)
         pass
 
 

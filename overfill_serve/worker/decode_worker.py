@@ -55,15 +55,32 @@ class DecodeWorker:
         self.model = load_model(model_dir, dtype, device)
         spec = self.model.spec
         strategy = kept_layers if kept_layers is not None else spec.kept_layers
-        teacher_layers = num_teacher_layers or (max(strategy) + 1 if isinstance(strategy, tuple | list)
-                                                else spec.num_layers)
+        teacher_layers = num_teacher_layers or (
+            max(strategy) + 1 if isinstance(strategy, tuple | list) else spec.num_layers
+        )
         kept = resolve_kept_layers(strategy, teacher_layers, spec.num_layers)
-        self.layout = KVLayout(teacher_layers, kept, spec.num_kv_heads, spec.head_dim, spec.rope,
-                               spec.vocab_size, spec.eos_token_ids, dtype, block_size)
+        self.layout = KVLayout(
+            teacher_layers,
+            kept,
+            spec.num_kv_heads,
+            spec.head_dim,
+            spec.rope,
+            spec.vocab_size,
+            spec.eos_token_ids,
+            dtype,
+            block_size,
+        )
         self.transfer = transfer
         # The pool holds only the kept layers: layer j here is teacher layer kept[j].
-        self.cache = PagedKVCache(spec.num_layers, num_kv_blocks, block_size, spec.num_kv_heads, spec.head_dim,
-                                  parse_dtype(dtype), device)
+        self.cache = PagedKVCache(
+            spec.num_layers,
+            num_kv_blocks,
+            block_size,
+            spec.num_kv_heads,
+            spec.head_dim,
+            parse_dtype(dtype),
+            device,
+        )
         self.pool = BlockPool(num_kv_blocks)
         self.max_model_len = min(spec.max_position_embeddings, num_kv_blocks * block_size)
         self.tokenizer = load_tokenizer(model_dir)
@@ -95,7 +112,10 @@ class DecodeWorker:
             return channel
 
     def generate(
-        self, ticket: TransferTicket, prompt_token_ids: list[int], params: SamplingParams,
+        self,
+        ticket: TransferTicket,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
         generated_token_ids: list[int] | None = None,
     ) -> Iterator[StepOutput]:
         """Pull the ticket's KV, then stream the request's outputs (the teacher's first token first).
@@ -106,13 +126,19 @@ class DecodeWorker:
         blocks = self._allocate(blocks_for(ticket.num_prompt_tokens, self.cache.block_size))
         try:
             completion, self.last_transfer = self.channel(ticket.address).pull(
-                ticket.transfer_id, blocks, ticket.num_prompt_tokens)
+                ticket.transfer_id, blocks, ticket.num_prompt_tokens
+            )
         except BaseException:
             self.pool.free(blocks)
             raise
-        request = Request(ticket.request_id, list(prompt_token_ids), params,
-                          output_token_ids=list(generated_token_ids or []), block_table=blocks,
-                          num_computed_tokens=ticket.num_prompt_tokens)
+        request = Request(
+            ticket.request_id,
+            list(prompt_token_ids),
+            params,
+            output_token_ids=list(generated_token_ids or []),
+            block_table=blocks,
+            num_computed_tokens=ticket.num_prompt_tokens,
+        )
         request.mark(RequestStatus.KV_IN_FLIGHT)
         stream: queue.SimpleQueue = queue.SimpleQueue()
         self._streams[request.request_id] = stream
@@ -133,8 +159,12 @@ class DecodeWorker:
                 self.loop.call(lambda: self._abort_now(request.request_id))
 
     def stats(self) -> dict[str, int]:
-        return {"free_blocks": self.pool.num_free, "total_blocks": self.pool.num_blocks,
-                "waiting": len(self.engine.waiting), "running": len(self.engine.running)}
+        return {
+            "free_blocks": self.pool.num_free,
+            "total_blocks": self.pool.num_blocks,
+            "waiting": len(self.engine.waiting),
+            "running": len(self.engine.running),
+        }
 
     # -- engine thread -------------------------------------------------------------------------------------
     def _admit(self, request: Request, completion: Completion) -> None:
@@ -192,4 +222,3 @@ class DecodeWorker:
                 raise OutOfBlocksError(f"no room for {n} KV blocks ({self.pool.num_free} free)")
             time.sleep(0.01)
         return blocks
-

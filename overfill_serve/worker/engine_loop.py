@@ -15,7 +15,9 @@ log = logging.getLogger(__name__)
 
 
 class EngineLoop:
-    def __init__(self, name: str, step: Callable[[], bool], on_crash: Callable[[BaseException], None]) -> None:
+    def __init__(
+        self, name: str, step: Callable[[], bool], on_crash: Callable[[BaseException], None]
+    ) -> None:
         """`step()` runs one engine step and says whether there was work; `on_crash` fails what is in flight."""
         self._step, self._on_crash = step, on_crash
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()

@@ -59,19 +59,46 @@ class PrefillWorker:
         self.model = load_model(model_dir, dtype, device)
         spec = self.model.spec
         self.max_model_len = min(spec.max_position_embeddings, num_kv_blocks * block_size)
-        self.cache = PagedKVCache(spec.num_layers, num_kv_blocks, block_size, spec.num_kv_heads, spec.head_dim,
-                                  parse_dtype(dtype), device)
+        self.cache = PagedKVCache(
+            spec.num_layers,
+            num_kv_blocks,
+            block_size,
+            spec.num_kv_heads,
+            spec.head_dim,
+            parse_dtype(dtype),
+            device,
+        )
         self.pool = BlockPool(num_kv_blocks)
-        self.layout = KVLayout(spec.num_layers, tuple(range(spec.num_layers)), spec.num_kv_heads, spec.head_dim,
-                               spec.rope, spec.vocab_size, spec.eos_token_ids, dtype, block_size)
+        self.layout = KVLayout(
+            spec.num_layers,
+            tuple(range(spec.num_layers)),
+            spec.num_kv_heads,
+            spec.head_dim,
+            spec.rope,
+            spec.vocab_size,
+            spec.eos_token_ids,
+            dtype,
+            block_size,
+        )
         runner = ModelRunner(self.model, self.cache, tuple(range(spec.num_layers)))
-        self.engine = PrefillEngine(runner, self.pool, Sampler(), None, max_num_batched_tokens, max_num_seqs,
-                                    on_layer=self._layer_done if transfer.layerwise else None)
+        self.engine = PrefillEngine(
+            runner,
+            self.pool,
+            Sampler(),
+            None,
+            max_num_batched_tokens,
+            max_num_seqs,
+            on_layer=self._layer_done if transfer.layerwise else None,
+        )
         self.loop = EngineLoop("prefill-engine", self._step, self._crash)
-        self.registry = TransferRegistry(self.pool, transfer.lease_seconds,
-                                         abort_prefill=lambda rid: self.loop.call(lambda: self._abort_now(rid)))
-        servicer = KVTransferServicer(self.cache, self.registry, self.layout, transfer,
-                                      auth.load_secret(transfer.secret))
+        self.registry = TransferRegistry(
+            self.pool,
+            transfer.lease_seconds,
+            abort_prefill=lambda rid: self.loop.call(lambda: self._abort_now(rid)),
+        )
+        servicer = KVTransferServicer(
+            self.cache, self.registry, self.layout, transfer, auth.load_secret(transfer.secret)
+        )
         self.server = KVTransferServer(servicer, transfer)
         self._transfer_of: dict[str, tuple[str, int]] = {}  # request id -> (transfer id, prompt length)
         self._ids = itertools.count()
@@ -89,18 +116,30 @@ class PrefillWorker:
         self.loop.stop()
         self.server.stop()
 
-    def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-               generated_token_ids: list[int] | None = None) -> TransferTicket:
+    def submit(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        generated_token_ids: list[int] | None = None,
+    ) -> TransferTicket:
         """Queue a prefill; the ticket is valid at once. `generated_token_ids` (what a decode worker already
         produced, for a re-prefill after preemption or migration) skips sampling a new first token."""
         if not prompt_token_ids or len(prompt_token_ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"the prompt has {len(prompt_token_ids)} tokens; it must have 1 to {self.max_model_len - 1}",
-                field="prompt")
+                field="prompt",
+            )
         if any(not 0 <= t < self.layout.vocab_size for t in prompt_token_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {self.layout.vocab_size})", field="prompt")
-        request = Request(request_id or f"prefill-{next(self._ids)}", list(prompt_token_ids), params,
-                          output_token_ids=list(generated_token_ids or []))
+            raise InvalidRequestError(
+                f"prompt token ids must be in [0, {self.layout.vocab_size})", field="prompt"
+            )
+        request = Request(
+            request_id or f"prefill-{next(self._ids)}",
+            list(prompt_token_ids),
+            params,
+            output_token_ids=list(generated_token_ids or []),
+        )
         transfer_id = self.registry.open(request)
 
         def admit() -> None:
@@ -121,8 +160,11 @@ class PrefillWorker:
         for request in result.handed_over:
             transfer_id, _ = self._transfer_of.pop(request.request_id)
             logprob = request.output_logprobs[0] if request.output_logprobs else None
-            self.registry.complete(transfer_id, request,
-                                   Completion(request.output_token_ids[0], request.num_prompt_tokens, logprob))
+            self.registry.complete(
+                transfer_id,
+                request,
+                Completion(request.output_token_ids[0], request.num_prompt_tokens, logprob),
+            )
         return True
 
     def _layer_done(self, batch: Batch, layer: int) -> None:
@@ -141,7 +183,10 @@ class PrefillWorker:
             self.registry.abort(transfer_id, f"prefill engine failed: {error}")
 
     def stats(self) -> dict[str, int]:
-        return {"free_blocks": self.pool.num_free, "total_blocks": self.pool.num_blocks,
-                "open_transfers": self.registry.num_open, "waiting": len(self.engine.waiting),
-                "running": len(self.engine.running)}
-
+        return {
+            "free_blocks": self.pool.num_free,
+            "total_blocks": self.pool.num_blocks,
+            "open_transfers": self.registry.num_open,
+            "waiting": len(self.engine.waiting),
+            "running": len(self.engine.running),
+        }

@@ -83,18 +83,20 @@ class Completion(_message.Message):
     def __init__(self, first_token: _Optional[int] = ..., num_tokens: _Optional[int] = ..., has_logprob: _Optional[bool] = ..., logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class LayerReady(_message.Message):
-    __slots__ = ("layer", "base_address", "addresses", "block_bytes", "done")
+    __slots__ = ("layer", "base_address", "addresses", "block_bytes", "done", "pool_bytes")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     BASE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
     layer: int
     base_address: int
     addresses: _containers.RepeatedScalarFieldContainer[int]
     block_bytes: int
     done: Completion
-    def __init__(self, layer: _Optional[int] = ..., base_address: _Optional[int] = ..., addresses: _Optional[_Iterable[int]] = ..., block_bytes: _Optional[int] = ..., done: _Optional[_Union[Completion, _Mapping]] = ...) -> None: ...
+    pool_bytes: int
+    def __init__(self, layer: _Optional[int] = ..., base_address: _Optional[int] = ..., addresses: _Optional[_Iterable[int]] = ..., block_bytes: _Optional[int] = ..., done: _Optional[_Union[Completion, _Mapping]] = ..., pool_bytes: _Optional[int] = ...) -> None: ...
 
 class TransferRef(_message.Message):
     __slots__ = ("transfer_id",)
