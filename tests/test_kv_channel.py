@@ -80,7 +80,9 @@ def test_two_processes_match_single_process(pairs, kind, dtype):
         for prompt, want in zip(PROMPTS, expected):
             ticket = prefill.call("submit", prompt, {"max_tokens": 10, "temperature": 0, "ignore_eos": True})
             tokens = [
-                t for out in decode.generate(TransferTicket(**ticket), prompt, GREEDY) for t in out.token_ids
+                t
+                for out in decode.generate_from(TransferTicket(**ticket), prompt, GREEDY)
+                for t in out.token_ids
             ]
             assert tokens == want.token_ids
             # Only the kept layers travel: a depth-pruned student pulls half the teacher's KV.
@@ -147,8 +149,8 @@ def test_wrong_secret_is_refused(workers, pairs):
         intruder.channel(prefill.address)
     ticket = prefill.submit(PROMPTS[0], GREEDY)
     with pytest.raises(AuthenticationError):
-        intruder.generate(ticket, PROMPTS[0], GREEDY).__next__()
-    prefill.abort(ticket.transfer_id)
+        intruder.generate_from(ticket, PROMPTS[0], GREEDY).__next__()
+    prefill.abort_transfer(ticket.transfer_id)
     assert _full(intruder.stats())
     _wait_for(lambda: _full(prefill.stats()))
 
@@ -197,7 +199,7 @@ def test_bad_chunks_rejected_and_cleaned_up(workers, tamper, message):
     ticket = prefill.submit(PROMPTS[0], GREEDY)
     before = decode.cache.tensor.clone()
     with pytest.raises(ChunkError, match=message):
-        list(decode.generate(ticket, PROMPTS[0], GREEDY))
+        list(decode.generate_from(ticket, PROMPTS[0], GREEDY))
     assert torch.equal(decode.cache.tensor, before)  # nothing was written by the bad chunk
     assert _full(decode.stats())
     _wait_for(lambda: _full(prefill.stats()))
@@ -212,7 +214,7 @@ def test_unpulled_transfer_expires(pairs):
         _wait_for(lambda: prefill.stats()["open_transfers"] == 1 and not _full(prefill.stats()))
         _wait_for(lambda: _full(prefill.stats()), timeout=3)
         with pytest.raises(TransferNotFoundError, match="lease expired"):
-            list(decode.generate(ticket, PROMPTS[2], GREEDY))
+            list(decode.generate_from(ticket, PROMPTS[2], GREEDY))
         assert _full(decode.stats())
     finally:
         decode.stop()
@@ -230,7 +232,7 @@ def test_renewed_lease_survives(pairs):
         for _ in range(4):
             time.sleep(0.25)
             assert channel.renew(ticket.transfer_id) > 0.3
-        assert len([t for o in decode.generate(ticket, PROMPTS[0], GREEDY) for t in o.token_ids]) == 10
+        assert len([t for o in decode.generate_from(ticket, PROMPTS[0], GREEDY) for t in o.token_ids]) == 10
         _wait_for(lambda: _full(prefill.stats()))
     finally:
         decode.stop()
@@ -243,7 +245,7 @@ def test_abort_from_decode_side(workers):
     decode.channel(prefill.address).abort(ticket.transfer_id, "client went away")
     _wait_for(lambda: _full(prefill.stats()))
     with pytest.raises(TransferAbortedError, match="client went away"):
-        list(decode.generate(ticket, PROMPTS[1], GREEDY))
+        list(decode.generate_from(ticket, PROMPTS[1], GREEDY))
     assert _full(decode.stats())
 
 
@@ -256,9 +258,9 @@ def test_abort_from_prefill_side_mid_pull(workers):
 
     _tamper(prefill, slow)
     ticket = prefill.submit(PROMPTS[2], GREEDY)
-    threading.Timer(0.2, prefill.abort, (ticket.transfer_id, "operator abort")).start()
+    threading.Timer(0.2, prefill.abort_transfer, (ticket.transfer_id, "operator abort")).start()
     with pytest.raises(TransferAbortedError, match="operator abort"):
-        list(decode.generate(ticket, PROMPTS[2], GREEDY))
+        list(decode.generate_from(ticket, PROMPTS[2], GREEDY))
     assert _full(decode.stats())
     _wait_for(lambda: _full(prefill.stats()))
 
@@ -277,7 +279,7 @@ def test_stalled_peer_times_out(pairs):
         ticket = prefill.submit(PROMPTS[0], GREEDY)
         start = time.monotonic()
         with pytest.raises(TransferTimeoutError):
-            list(decode.generate(ticket, PROMPTS[0], GREEDY))
+            list(decode.generate_from(ticket, PROMPTS[0], GREEDY))
         assert time.monotonic() - start < 2.5
         assert _full(decode.stats())
         _wait_for(lambda: _full(prefill.stats()), timeout=6)
@@ -298,7 +300,7 @@ def test_prefill_peer_killed_mid_transfer(pairs):
         threading.Timer(0.5, prefill.kill).start()
         start = time.monotonic()
         with pytest.raises(PeerUnavailableError):
-            list(decode.generate(TransferTicket(**ticket), PROMPTS[2], GREEDY))
+            list(decode.generate_from(TransferTicket(**ticket), PROMPTS[2], GREEDY))
         assert time.monotonic() - start < 5
         assert _full(decode.stats())
     finally:

@@ -1,63 +1,57 @@
 """`DecodeWorker`: hosts the pruned (student) model, pulls each request's prompt KV from a prefill worker
 through the KV channel into its own pool (kept layers only) and decodes it with continuous batching.
 
-`generate()` runs in the caller's thread up to the end of the transfer, then streams the engine thread's
-outputs. A request whose KV does not arrive leaves nothing behind: its blocks are freed and the prefill side
-is told to abort.
+`generate_from(ticket, ...)` pulls in the caller's thread, then streams the engine thread's outputs, the
+teacher's first token first. A request whose KV does not arrive leaves nothing behind: its blocks are freed
+and the prefill side is told to abort. As a `ModelWorker` it also generates locally with the student alone
+(the `pruned` mode).
 """
 
 from __future__ import annotations
 
-import logging
-import queue
+import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
-from overfill_serve.engine.decode import DecodeEngine
-from overfill_serve.engine.output_processor import OutputProcessor, StepOutput
-from overfill_serve.engine.runner import ModelRunner
-from overfill_serve.engine.sampler import SampledToken, Sampler
+from overfill_serve.engine.output_processor import StepOutput
+from overfill_serve.engine.sampler import SampledToken
 from overfill_serve.engine.stage import blocks_for
-from overfill_serve.errors import OutOfBlocksError, OverfillError, PreemptedError
-from overfill_serve.kv.block_pool import BlockPool
-from overfill_serve.kv.paged_cache import PagedKVCache
-from overfill_serve.model.loader import load_model, parse_dtype
+from overfill_serve.errors import OutOfBlocksError
 from overfill_serve.model.spec import KVLayout, resolve_kept_layers
 from overfill_serve.request import Request, RequestStatus
 from overfill_serve.sampling_params import SamplingParams
-from overfill_serve.tokenizer import load_tokenizer
 from overfill_serve.transfer.channel import KVChannel, TransferStats
 from overfill_serve.transfer.config import TransferConfig
 from overfill_serve.transfer.registry import Completion
-from overfill_serve.worker.engine_loop import EngineLoop
+from overfill_serve.worker.model_worker import ModelWorker
+from overfill_serve.worker.output_stream import OutputStream
 from overfill_serve.worker.prefill_worker import TransferTicket
 
-log = logging.getLogger(__name__)
-_END = object()
 
-
-class DecodeWorker:
+class DecodeWorker(ModelWorker):
     def __init__(
         self,
         model_dir: str | Path,
         *,
         transfer: TransferConfig,
-        dtype: str = "float32",
-        device: str = "cpu",
-        block_size: int = 16,
-        num_kv_blocks: int = 1024,
-        max_num_seqs: int = 64,
         kept_layers: str | list[int] | None = None,
         num_teacher_layers: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        self.model = load_model(model_dir, dtype, device)
+        super().__init__(model_dir, name="decode", **kwargs)
         spec = self.model.spec
         strategy = kept_layers if kept_layers is not None else spec.kept_layers
-        teacher_layers = num_teacher_layers or (
-            max(strategy) + 1 if isinstance(strategy, tuple | list) else spec.num_layers
-        )
+        # A depth-pruned student's config names teacher layers, not their count: the highest bounds it.
+        if num_teacher_layers is None:
+            if isinstance(strategy, (tuple, list)):
+                num_teacher_layers = max(int(i) for i in strategy) + 1
+            else:
+                num_teacher_layers = spec.num_layers
+        teacher_layers = num_teacher_layers
+        # The pool holds only the kept layers: layer j here is teacher layer kept[j].
         kept = resolve_kept_layers(strategy, teacher_layers, spec.num_layers)
         self.layout = KVLayout(
             teacher_layers,
@@ -67,38 +61,16 @@ class DecodeWorker:
             spec.rope,
             spec.vocab_size,
             spec.eos_token_ids,
-            dtype,
-            block_size,
+            self.dtype,
+            self.cache.block_size,
         )
         self.transfer = transfer
-        # The pool holds only the kept layers: layer j here is teacher layer kept[j].
-        self.cache = PagedKVCache(
-            spec.num_layers,
-            num_kv_blocks,
-            block_size,
-            spec.num_kv_heads,
-            spec.head_dim,
-            parse_dtype(dtype),
-            device,
-        )
-        self.pool = BlockPool(num_kv_blocks)
-        self.max_model_len = min(spec.max_position_embeddings, num_kv_blocks * block_size)
-        self.tokenizer = load_tokenizer(model_dir)
-        self.output = OutputProcessor(self.tokenizer, spec.eos_token_ids, self.max_model_len)
-        runner = ModelRunner(self.model, self.cache, tuple(range(spec.num_layers)))
-        self.engine = DecodeEngine(runner, self.pool, Sampler(), self.output, self._preempted, max_num_seqs)
-        self.loop = EngineLoop("decode-engine", self._step, self._crash)
-        self._streams: dict[str, queue.SimpleQueue] = {}  # request id -> its outputs (engine thread writes)
         self._channels: dict[str, KVChannel] = {}
         self._lock = threading.Lock()
         self.last_transfer: TransferStats | None = None
 
-    def start(self) -> DecodeWorker:
-        self.loop.start()
-        return self
-
     def stop(self) -> None:
-        self.loop.stop()
+        super().stop()
         for channel in self._channels.values():
             channel.close()
 
@@ -111,18 +83,44 @@ class DecodeWorker:
                 self._channels[address] = channel
             return channel
 
-    def generate(
+    def generate_from(
         self,
         ticket: TransferTicket,
         prompt_token_ids: list[int],
         params: SamplingParams,
         generated_token_ids: list[int] | None = None,
     ) -> Iterator[StepOutput]:
-        """Pull the ticket's KV, then stream the request's outputs (the teacher's first token first).
+        """Pull the ticket's KV, then stream the request's outputs. Raises a `TransferError` if the KV does
+        not arrive, `PreemptedError` if this worker has to give the request back."""
+        request, completion = self._pull(ticket, prompt_token_ids, params, generated_token_ids)
+        stream = OutputStream()
+        self.loop.call(lambda: self._admit_remote(request, completion, stream))
+        return self._iterate(request.request_id, stream)
 
-        Raises a `TransferError` if the KV does not arrive, `PreemptedError` if the worker has to give the
-        request back. Closing the iterator early aborts the request and frees its blocks."""
-        assert len(prompt_token_ids) == ticket.num_prompt_tokens
+    async def agenerate_from(
+        self,
+        ticket: TransferTicket,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        generated_token_ids: list[int] | None = None,
+    ) -> AsyncIterator[StepOutput]:
+        request, completion = await asyncio.to_thread(
+            self._pull, ticket, prompt_token_ids, params, generated_token_ids
+        )
+        stream = OutputStream(asyncio.get_running_loop())
+        self.loop.call(lambda: self._admit_remote(request, completion, stream))
+        async for out in self._aiterate(request.request_id, stream):
+            yield out
+
+    def _pull(
+        self,
+        ticket: TransferTicket,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        generated_token_ids: list[int] | None,
+    ) -> tuple[Request, Completion]:
+        request = self._new_request(prompt_token_ids, params, ticket.request_id, generated_token_ids)
+        assert request.num_prompt_tokens == ticket.num_prompt_tokens
         blocks = self._allocate(blocks_for(ticket.num_prompt_tokens, self.cache.block_size))
         try:
             completion, self.last_transfer = self.channel(ticket.address).pull(
@@ -131,45 +129,16 @@ class DecodeWorker:
         except BaseException:
             self.pool.free(blocks)
             raise
-        request = Request(
-            ticket.request_id,
-            list(prompt_token_ids),
-            params,
-            output_token_ids=list(generated_token_ids or []),
-            block_table=blocks,
-            num_computed_tokens=ticket.num_prompt_tokens,
-        )
+        request.block_table = blocks
+        request.num_computed_tokens = ticket.num_prompt_tokens
         request.mark(RequestStatus.KV_IN_FLIGHT)
-        stream: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams[request.request_id] = stream
-        self.loop.call(lambda: self._admit(request, completion))
-        finished = False
-        try:
-            while True:
-                item = stream.get()
-                if item is _END:
-                    finished = True
-                    return
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                yield item
-        finally:
-            if not finished:  # the caller went away: free the request's blocks
-                self.loop.call(lambda: self._abort_now(request.request_id))
-
-    def stats(self) -> dict[str, int]:
-        return {
-            "free_blocks": self.pool.num_free,
-            "total_blocks": self.pool.num_blocks,
-            "waiting": len(self.engine.waiting),
-            "running": len(self.engine.running),
-        }
+        return request, completion
 
     # -- engine thread -------------------------------------------------------------------------------------
-    def _admit(self, request: Request, completion: Completion) -> None:
-        if request.output_token_ids:  # a resumed request: its tokens are known; the student recomputes KV
-            self.engine.add(request)
+    def _admit_remote(self, request: Request, completion: Completion, stream: OutputStream) -> None:
+        self._streams[request.request_id] = stream
+        if request.output_token_ids:  # resumed: its tokens are known; the student recomputes their KV
+            self.decode_engine.add(request)
             return
         out = self.output.append(request, SampledToken(completion.first_token, completion.logprob))
         self._emit(out)
@@ -179,40 +148,7 @@ class DecodeWorker:
             request.mark(RequestStatus.FINISHED)
             self.output.release(request.request_id)
         else:
-            self.engine.add(request)
-
-    def _step(self) -> bool:
-        if not self.engine.has_work():
-            return False
-        for out in self.engine.step():
-            self._emit(out)
-        return True
-
-    def _emit(self, out: StepOutput) -> None:
-        stream = self._streams.get(out.request_id)
-        if stream is None:
-            return
-        stream.put(out)
-        if out.finished:
-            stream.put(_END)
-            del self._streams[out.request_id]
-
-    def _preempted(self, request: Request) -> None:
-        self.output.release(request.request_id)
-        self._fail(request.request_id, PreemptedError(request.request_id, list(request.output_token_ids)))
-
-    def _abort_now(self, request_id: str) -> None:
-        self.engine.abort(request_id)
-        self._streams.pop(request_id, None)
-
-    def _fail(self, request_id: str, error: OverfillError) -> None:
-        stream = self._streams.pop(request_id, None)
-        if stream is not None:
-            stream.put(error)
-
-    def _crash(self, error: BaseException) -> None:
-        for request_id in list(self._streams):
-            self._fail(request_id, OverfillError(f"decode engine failed: {error}"))
+            self.decode_engine.add(request)
 
     def _allocate(self, n: int) -> list[int]:
         """Blocks for an incoming transfer, waiting (bounded) for running requests to free some."""

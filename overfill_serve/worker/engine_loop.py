@@ -19,6 +19,7 @@ class EngineLoop:
         self, name: str, step: Callable[[], bool], on_crash: Callable[[BaseException], None]
     ) -> None:
         """`step()` runs one engine step and says whether there was work; `on_crash` fails what is in flight."""
+        self.name = name
         self._step, self._on_crash = step, on_crash
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._stop = threading.Event()
