@@ -18,6 +18,9 @@ class InvalidRequestError(OverfillError, ValueError):
         super().__init__(message)
         self.field = field
 
+    def __reduce__(self) -> tuple:  # errors cross process boundaries (Ray): keep every field
+        return (type(self), (str(self), self.field))
+
 
 class ModelConfigError(OverfillError, ValueError):
     """A model directory's config.json is missing, unreadable or describes an unsupported model."""
@@ -33,6 +36,9 @@ class PairMismatchError(OverfillError, ValueError):
     def __init__(self, mismatches: list[str]) -> None:
         super().__init__("model pair mismatch:\n  " + "\n  ".join(mismatches))
         self.mismatches = mismatches
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.mismatches,))
 
 
 class OutOfBlocksError(OverfillError):
@@ -53,6 +59,9 @@ class LayoutMismatchError(TransferError):
     def __init__(self, mismatches: list[str]) -> None:
         super().__init__("KV layout mismatch:\n  " + "\n  ".join(mismatches))
         self.mismatches = mismatches
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.mismatches,))
 
 
 class ChunkError(TransferError):
@@ -84,3 +93,6 @@ class PreemptedError(OverfillError):
         super().__init__(f"request {request_id} was preempted after {len(output_token_ids)} tokens")
         self.request_id = request_id
         self.output_token_ids = output_token_ids
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.request_id, self.output_token_ids))

@@ -122,3 +122,18 @@ def test_bad_model_directories(tmp_path, width_pair):
         LLM(cfg_dir, width_pair.student)
     with pytest.raises(ModelConfigError, match="dtype 'int8'"):
         LLM(width_pair.teacher, width_pair.student, dtype="int8")
+
+
+def test_errors_survive_pickling():
+    """Errors cross process boundaries (Ray replicas): every field must come back."""
+    import pickle
+
+    from overfill_serve.errors import LayoutMismatchError, PreemptedError
+
+    e = pickle.loads(pickle.dumps(InvalidRequestError("bad temperature", field="temperature")))
+    assert isinstance(e, InvalidRequestError) and e.field == "temperature" and str(e) == "bad temperature"
+    p = pickle.loads(pickle.dumps(PreemptedError("r1", [1, 2, 3])))
+    assert p.request_id == "r1" and p.output_token_ids == [1, 2, 3]
+    for cls in (PairMismatchError, LayoutMismatchError):
+        m = pickle.loads(pickle.dumps(cls(["dtype: a != b", "head_dim: 1 != 2"])))
+        assert m.mismatches == ["dtype: a != b", "head_dim: 1 != 2"]

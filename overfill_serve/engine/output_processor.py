@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from overfill_serve.detokenizer import IncrementalDetokenizer
 from overfill_serve.engine.sampler import SampledToken
-from overfill_serve.request import FinishReason, Request
+from overfill_serve.request import FinishReason, Request, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class StepOutput:
     text: str
     finished: bool
     finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # of token_ids, when the request asked for them
 
 
 class OutputProcessor:
@@ -33,10 +34,10 @@ class OutputProcessor:
     def append(self, request: Request, sampled: SampledToken) -> StepOutput:
         """Add one token; on a stop condition set the request's finish reason (the engine frees its KV)."""
         token, params = sampled.token_id, request.params
+        detok = self._detokenizer(request)  # before the append: its context is every token so far
         request.output_token_ids.append(token)
         if sampled.logprob is not None:
             request.output_logprobs.append(sampled.logprob)
-        detok = self._detokenizer(request)
         text = ""
         if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
             request.finish_reason, request.stop_reason = FinishReason.STOP, token
@@ -52,7 +53,8 @@ class OutputProcessor:
         finished = request.finish_reason is not None
         if finished:
             text += detok.finish()
-        return StepOutput(request.request_id, (token,), text, finished, request.finish_reason)
+        logprobs = (sampled.logprob,) if sampled.logprob is not None else ()
+        return StepOutput(request.request_id, (token,), text, finished, request.finish_reason, logprobs)
 
     def text(self, request: Request) -> str:
         detok = self._detok.get(request.request_id)
@@ -64,6 +66,7 @@ class OutputProcessor:
     def _detokenizer(self, request: Request) -> IncrementalDetokenizer:
         detok = self._detok.get(request.request_id)
         if detok is None:
-            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.params)
+            # A request resumed on another worker continues after the tokens it already has.
+            detok = IncrementalDetokenizer(self.tokenizer, request.all_token_ids, request.params)
             self._detok[request.request_id] = detok
         return detok

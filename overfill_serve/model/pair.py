@@ -92,6 +92,25 @@ def check_pair(
     )
 
 
+def student_layout(
+    student: ModelSpec,
+    kept_layers: str | list[int] | tuple[int, ...] | None,
+    num_teacher_layers: int | None,
+    dtype: str,
+    block_size: int,
+) -> KVLayout:
+    """The KV layout a decode worker expects from the teacher, from the student alone: its kept-layer map
+    (argument, or its config) and, when known, the teacher's depth. A depth-pruned student's map names
+    teacher layers, so without the teacher's depth the highest kept layer bounds it."""
+    strategy = kept_layers if kept_layers is not None else student.kept_layers
+    if num_teacher_layers is None:
+        explicit = isinstance(strategy, (tuple, list))
+        num_teacher_layers = max(int(i) for i in strategy) + 1 if explicit else student.num_layers  # type: ignore[union-attr]
+    kept = resolve_kept_layers(strategy, num_teacher_layers, student.num_layers)
+    return KVLayout(num_teacher_layers, kept, student.num_kv_heads, student.head_dim, student.rope,
+                    student.vocab_size, student.eos_token_ids, dtype, block_size)
+
+
 @dataclass(frozen=True)
 class ModelPair:
     teacher: CausalLM

@@ -51,8 +51,9 @@ class KVChannel:
         self.address, self.layout, self.cache, self.config = address, layout, cache, config
         self.client_id = client_id
         self.secret = auth.load_secret(config.secret)
-        self.transport = transport or make_transport(config.backend)
-        self.transport.prepare(cache)
+        self.transport = transport or make_transport(config.backend if cache is not None else "grpc")
+        if cache is not None:
+            self.transport.prepare(cache)
         opts = [
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -102,7 +103,7 @@ class KVChannel:
     ) -> tuple[Completion, TransferStats]:
         """Receive a transfer into dest_blocks, then release it on the prefill side. On any failure the
         prefill side is told to abort (best effort) and a `TransferError` is raised."""
-        assert self.metadata, "connect() first"
+        assert self.metadata and self.cache is not None, "connect() first, on a channel with a pool"
         start = time.perf_counter()
         try:
             received = self.transport.receive(self, transfer_id, dest_blocks, num_tokens)

@@ -26,6 +26,7 @@ class GrpcStreamTransport(KVTransport):
         self, channel: KVChannel, transfer_id: str, dest_blocks: list[int], num_tokens: int
     ) -> Received:
         cache, layout, config = channel.cache, channel.layout, channel.config
+        assert cache is not None
         local = {teacher_layer: j for j, teacher_layer in enumerate(layout.kept_layers)}
         received: dict[int, set[int]] = {layer: set() for layer in local}
         shape = (cache.block_size, cache.num_kv_heads, cache.head_dim)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from overfill_serve.engine.output_processor import StepOutput
 from overfill_serve.engine.sampler import SampledToken
 from overfill_serve.engine.stage import blocks_for
 from overfill_serve.errors import OutOfBlocksError
-from overfill_serve.model.spec import KVLayout, resolve_kept_layers
+from overfill_serve.model.pair import student_layout
 from overfill_serve.request import Request, RequestStatus
 from overfill_serve.sampling_params import SamplingParams
 from overfill_serve.transfer.channel import KVChannel, TransferStats
@@ -42,32 +42,13 @@ class DecodeWorker(ModelWorker):
         **kwargs: Any,
     ) -> None:
         super().__init__(model_dir, name="decode", **kwargs)
-        spec = self.model.spec
-        strategy = kept_layers if kept_layers is not None else spec.kept_layers
-        # A depth-pruned student's config names teacher layers, not their count: the highest bounds it.
-        if num_teacher_layers is None:
-            if isinstance(strategy, (tuple, list)):
-                num_teacher_layers = max(int(i) for i in strategy) + 1
-            else:
-                num_teacher_layers = spec.num_layers
-        teacher_layers = num_teacher_layers
-        # The pool holds only the kept layers: layer j here is teacher layer kept[j].
-        kept = resolve_kept_layers(strategy, teacher_layers, spec.num_layers)
-        self.layout = KVLayout(
-            teacher_layers,
-            kept,
-            spec.num_kv_heads,
-            spec.head_dim,
-            spec.rope,
-            spec.vocab_size,
-            spec.eos_token_ids,
-            self.dtype,
-            self.cache.block_size,
-        )
+        self.layout = student_layout(self.model.spec, kept_layers, num_teacher_layers, self.dtype,
+                                     self.cache.block_size)
         self.transfer = transfer
         self._channels: dict[str, KVChannel] = {}
         self._lock = threading.Lock()
         self.last_transfer: TransferStats | None = None
+        self.on_transfer: Callable[[TransferStats], None] | None = None  # per-transfer metrics hook
 
     def stop(self) -> None:
         super().stop()
@@ -97,20 +78,26 @@ class DecodeWorker(ModelWorker):
         self.loop.call(lambda: self._admit_remote(request, completion, stream))
         return self._iterate(request.request_id, stream)
 
-    async def agenerate_from(
-        self,
-        ticket: TransferTicket,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        generated_token_ids: list[int] | None = None,
-    ) -> AsyncIterator[StepOutput]:
-        request, completion = await asyncio.to_thread(
-            self._pull, ticket, prompt_token_ids, params, generated_token_ids
-        )
+    async def agenerate_from(self, ticket: TransferTicket, prompt_token_ids: list[int], params: SamplingParams,
+                             generated_token_ids: list[int] | None = None) -> AsyncIterator[StepOutput]:
+        pull = asyncio.get_running_loop().run_in_executor(
+            None, self._pull, ticket, prompt_token_ids, params, generated_token_ids)
+        try:
+            request, completion = await asyncio.shield(pull)
+        except asyncio.CancelledError:
+            # The caller left while the pull runs on: when it ends, give its blocks back.
+            pull.add_done_callback(self._discard_pull)
+            raise
         stream = OutputStream(asyncio.get_running_loop())
         self.loop.call(lambda: self._admit_remote(request, completion, stream))
         async for out in self._aiterate(request.request_id, stream):
             yield out
+
+    def _discard_pull(self, pull: asyncio.Future) -> None:
+        if not pull.cancelled() and pull.exception() is None:
+            request, _ = pull.result()
+            self.pool.free(request.block_table)
+            request.block_table = []
 
     def _pull(
         self,
@@ -129,6 +116,8 @@ class DecodeWorker(ModelWorker):
         except BaseException:
             self.pool.free(blocks)
             raise
+        if self.on_transfer is not None:
+            self.on_transfer(self.last_transfer)
         request.block_table = blocks
         request.num_computed_tokens = ticket.num_prompt_tokens
         request.mark(RequestStatus.KV_IN_FLIGHT)
