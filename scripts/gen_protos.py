@@ -26,10 +26,12 @@ def generate(out: Path) -> None:
     if protoc.main(args + files) != 0:
         raise SystemExit("protoc failed")
     for path in out.rglob("*.py*"):
-        # protoc writes imports relative to protos/ ("from overfill.v1 import x_pb2"); make them absolute.
+        # protoc writes imports relative to protos/ ("from overfill.v1 import x_pb2") and names the message
+        # classes' module the same way; make both absolute, or pickling a message (as Ray does) fails.
         text = re.sub(
             r"^from overfill\.", "from overfill_serve._proto.overfill.", path.read_text(), flags=re.M
         )
+        text = text.replace("(DESCRIPTOR, 'overfill.", "(DESCRIPTOR, 'overfill_serve._proto.overfill.")
         path.write_text(text)
     for d in [out, *[p for p in out.rglob("*") if p.is_dir()]]:
         (d / "__init__.py").touch()

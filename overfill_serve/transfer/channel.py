@@ -42,12 +42,13 @@ class KVChannel:
         self,
         address: str,
         layout: KVLayout,
-        cache: PagedKVCache,
+        cache: PagedKVCache | None,
         config: TransferConfig,
         client_id: str = "decode",
         transport: KVTransport | None = None,
     ) -> None:
-        assert cache.num_layers == len(layout.kept_layers), "the decode pool holds exactly the kept layers"
+        """`cache` None makes a control-only channel (release / renew / abort), as a router uses."""
+        assert cache is None or cache.num_layers == len(layout.kept_layers), "the pool holds the kept layers"
         self.address, self.layout, self.cache, self.config = address, layout, cache, config
         self.client_id = client_id
         self.secret = auth.load_secret(config.secret)

@@ -1,0 +1,127 @@
+"""The two model deployments: `PrefillServer` (full model) and `DecodeServer` (pruned model).
+
+Each replica wraps a worker whose engine runs on its own thread; the async methods here only hand work over
+and stream results back. A prefill replica's KV server listens on its node's IP, where decode replicas on
+other nodes reach it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import ray
+from ray import serve
+
+from overfill_serve.engine.output_processor import StepOutput
+from overfill_serve.errors import OverfillError
+from overfill_serve.sampling_params import SamplingParams
+from overfill_serve.serve.config import ServeConfig
+from overfill_serve.serve.metrics import ReplicaMetrics
+from overfill_serve.worker.decode_worker import DecodeWorker
+from overfill_serve.worker.model_worker import ModelWorker
+from overfill_serve.worker.prefill_worker import PrefillWorker, TransferTicket
+
+log = logging.getLogger(__name__)
+
+
+def _worker_kwargs(config: ServeConfig, num_kv_blocks: int) -> dict:
+    return dict(
+        dtype=config.dtype,
+        device=config.device,
+        block_size=config.block_size,
+        num_kv_blocks=num_kv_blocks,
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+    )
+
+
+class _ModelServer:
+    """What both deployments share: local generation (both stages on this replica's model), stats, health."""
+
+    worker: ModelWorker
+    metrics: ReplicaMetrics
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[StepOutput]:
+        async for out in self.worker.agenerate(prompt_token_ids, params, request_id):
+            yield out
+
+    def stats(self) -> dict:
+        stats = self.worker.stats()
+        self.metrics.observe(stats)
+        return {**stats, "node_id": ray.get_runtime_context().get_node_id()}
+
+    def record_routing_stats(self) -> dict:
+        """Read by the replica router (`replica_router.py`) to rank replicas."""
+        return self.stats()
+
+    def check_health(self) -> None:
+        if self.worker.loop.error is not None:
+            raise OverfillError(f"engine loop failed: {self.worker.loop.error}")
+
+    def __del__(self) -> None:
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.stop()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256, health_check_period_s=5)
+class PrefillServer(_ModelServer):
+    worker: PrefillWorker
+
+    def __init__(self, config: ServeConfig) -> None:
+        prefill_dir, _ = config.model_dirs()
+        transfer = config.transfer_config(ray.util.get_node_ip_address())
+        self.worker = PrefillWorker(
+            prefill_dir, transfer=transfer, **_worker_kwargs(config, config.prefill_kv_blocks)
+        )
+        self.worker.start()
+        self.metrics = ReplicaMetrics("prefill")
+        log.info("prefill replica ready: %s, KV server %s", prefill_dir, self.worker.address)
+
+    def submit(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        generated_token_ids: list[int] | None = None,
+    ) -> TransferTicket:
+        return self.worker.submit(prompt_token_ids, params, request_id, generated_token_ids)
+
+    def abort_transfer(self, transfer_id: str, reason: str) -> None:
+        self.worker.abort_transfer(transfer_id, reason)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256, health_check_period_s=5)
+class DecodeServer(_ModelServer):
+    worker: DecodeWorker
+
+    def __init__(self, config: ServeConfig) -> None:
+        prefill_dir, decode_dir = config.model_dirs()
+        from overfill_serve.model.spec import ModelSpec
+
+        teacher_layers = ModelSpec.from_dir(prefill_dir).num_layers if prefill_dir.is_dir() else None
+        transfer = config.transfer_config(ray.util.get_node_ip_address())
+        self.worker = DecodeWorker(
+            decode_dir,
+            transfer=transfer,
+            kept_layers=config.kept_layers,
+            num_teacher_layers=teacher_layers,
+            **_worker_kwargs(config, config.decode_kv_blocks),
+        )
+        self.worker.start()
+        self.metrics = ReplicaMetrics("decode")
+        self.worker.on_transfer = self.metrics.observe_transfer
+        log.info("decode replica ready: %s", decode_dir)
+
+    async def generate_from(
+        self,
+        ticket: TransferTicket,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        generated_token_ids: list[int] | None = None,
+    ) -> AsyncIterator[StepOutput]:
+        async for out in self.worker.agenerate_from(ticket, prompt_token_ids, params, generated_token_ids):
+            yield out

@@ -1,0 +1,105 @@
+"""`Dispatcher`: runs one request across the deployments — prefill → KV channel → decode — and keeps it alive
+through failures.
+
+- overfill: a prefill replica prefills and offers the KV (a ticket); a decode replica pulls it and decodes.
+- full / pruned: one replica runs both stages on its own model (prefill replica: teacher; decode: student).
+A decode replica that dies or runs out of KV blocks mid-request does not lose it: the prompt is re-prefilled
+with the tokens generated so far and another decode replica continues exactly where it stopped (migration).
+A prefill replica that dies is retried on another. When no replica is left the stream ends with a typed
+error, never a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from overfill_serve.engine.output_processor import StepOutput
+from overfill_serve.errors import OverfillError, PeerUnavailableError, PreemptedError
+from overfill_serve.request import Mode
+from overfill_serve.sampling_params import SamplingParams
+from overfill_serve.worker.prefill_worker import TransferTicket
+
+log = logging.getLogger(__name__)
+REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
+
+
+class ServiceUnavailableError(OverfillError):
+    """No replica could finish the request (all died, or the retry budget ran out)."""
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        prefill: Any,
+        decode: Any,
+        abort_transfer: Callable[[TransferTicket], Awaitable[None]],
+        max_migrations: int = 2,
+    ) -> None:
+        """`prefill` / `decode`: Serve deployment handles of PrefillServer / DecodeServer. `abort_transfer`
+        tells the prefill replica that holds a ticket's KV to free it (it talks to that replica's KV server:
+        a handle call could land on another replica)."""
+        self.prefill, self.decode = prefill, decode
+        self.abort_transfer = abort_transfer
+        self.max_migrations = max_migrations
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, mode: Mode, request_id: str
+    ) -> AsyncIterator[StepOutput]:
+        if mode is Mode.OVERFILL:
+            async for out in self._overfill(prompt_token_ids, params, request_id):
+                yield out
+            return
+        handle = self.prefill if mode is Mode.FULL else self.decode
+        stream = handle.options(stream=True).generate.remote(prompt_token_ids, params, request_id)
+        try:
+            async for out in stream:
+                yield out
+        except REPLICA_GONE as e:
+            raise ServiceUnavailableError(
+                f"the {mode.value} replica serving {request_id} died: {e}"
+            ) from None
+
+    async def _overfill(
+        self, prompt: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[StepOutput]:
+        generated: list[int] = []
+        for attempt in range(self.max_migrations + 1):
+            ticket = await self._submit(prompt, params, request_id, generated)
+            done = False
+            try:
+                stream = self.decode.options(stream=True).generate_from.remote(
+                    ticket, prompt, params, list(generated) or None
+                )
+                async for out in stream:
+                    generated += out.token_ids
+                    yield out
+                done = True
+                return
+            except PreemptedError as e:
+                why = f"decode replica out of KV blocks after {len(e.output_token_ids)} tokens"
+            except REPLICA_GONE as e:
+                why = f"decode replica died: {type(e).__name__}"
+            except PeerUnavailableError as e:  # the prefill replica died while the KV was in flight
+                why = str(e)
+            finally:
+                if not done:  # whatever happened, the prefill side need not hold this KV any longer
+                    await self.abort_transfer(ticket)
+            log.warning("request %s: %s; migrating (attempt %d)", request_id, why, attempt + 1)
+        raise ServiceUnavailableError(
+            f"request {request_id} failed after {self.max_migrations} migrations: {why}"
+        )
+
+    async def _submit(
+        self, prompt: list[int], params: SamplingParams, request_id: str, generated: list[int]
+    ) -> Any:
+        for _ in range(self.max_migrations + 1):
+            try:
+                return await self.prefill.submit.remote(prompt, params, request_id, list(generated) or None)
+            except REPLICA_GONE as e:
+                log.warning("request %s: prefill replica died (%s); retrying", request_id, type(e).__name__)
+                last: Exception = e
+        raise ServiceUnavailableError(f"no prefill replica could take request {request_id}: {last}")

@@ -1,0 +1,445 @@
+"""OpenAI-compatible responses: completions, chat completions and their SSE streams, built from StepOutputs.
+
+Pure protocol code (no Ray, no HTTP framework). Per HTTP request the Router makes one `CompletionResponder` or
+`ChatResponder` (see `make_responder`) and feeds it `(choice_index, StepOutput)` pairs as they arrive: `add`
+returns the streaming chunks to send, `response()` the final non-streaming body. `sse_stream` wraps the whole
+streaming exchange, error event and `[DONE]` included; `merge_choices` interleaves the n choices' streams.
+Request parsing, model names and errors live in `openai_protocol`.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import functools
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from overfill_serve.engine.output_processor import StepOutput
+from overfill_serve.request import FinishReason, Mode, TokenLogprob
+from overfill_serve.serve.openai_protocol import (
+    AnyRequest,
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    from_exception,
+    model_names,
+)
+
+SSE_DONE = "data: [DONE]\n\n"
+_MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
+
+
+def sse(obj: dict[str, Any]) -> str:
+    """One server-sent event carrying `obj` as JSON."""
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'), allow_nan=False)}\n\n"
+
+
+def sse_error(e: BaseException) -> str:
+    """The SSE event for an error that happens mid-stream (the openai client raises APIError on it)."""
+    return sse(from_exception(e).to_json())
+
+
+def served_by_json(served_by: Any) -> dict[str, str]:
+    """The `overfill` extension field; takes any object with mode / prefill_model / decode_model (the gRPC
+    layer's ServedBy too)."""
+    mode = getattr(served_by.mode, "value", served_by.mode)
+    return {"mode": mode, "prefill_model": served_by.prefill_model, "decode_model": served_by.decode_model}
+
+
+def _logprob(value: float) -> float:
+    return value if value == value and value > _MIN_LOGPROB else _MIN_LOGPROB  # also maps NaN
+
+
+# ---------------------------------------------------------------------------------------------- model names
+
+
+MODE_DESCRIPTIONS = {
+    Mode.OVERFILL: "full model prefills, pruned model decodes (OverFill)",
+    Mode.FULL: "full model for both stages (quality baseline)",
+    Mode.PRUNED: "pruned model for both stages (speed baseline)",
+}
+
+
+@dataclass(frozen=True)
+class ServedBy:
+    """Which models served a response: reported in every response's `overfill` extension field."""
+
+    mode: Mode
+    prefill_model: str
+    decode_model: str
+
+    @classmethod
+    def of(cls, mode: Mode, full_model: str, pruned_model: str) -> ServedBy:
+        """Which of the pair's models (full = teacher, pruned = student) runs each stage in `mode`."""
+        prefill = pruned_model if mode is Mode.PRUNED else full_model
+        decode = full_model if mode is Mode.FULL else pruned_model
+        return cls(mode, prefill, decode)
+
+
+def model_list(
+    pair_name: str,
+    created: int,
+    owned_by: str = "overfill-serve",
+    *,
+    full_model: str | None = None,
+    pruned_model: str | None = None,
+) -> dict[str, Any]:
+    """GET /v1/models: the four names; the `overfill` extension says which model runs each stage."""
+    data = []
+    for name, mode in model_names(pair_name):
+        ext = {"description": MODE_DESCRIPTIONS[mode]}
+        if full_model is not None and pruned_model is not None:
+            ext |= served_by_json(ServedBy.of(mode, full_model, pruned_model))
+        else:
+            ext["mode"] = mode.value
+        data.append(
+            {"id": name, "object": "model", "created": created, "owned_by": owned_by, "overfill": ext}
+        )
+    return {"object": "list", "data": data}
+
+
+# ------------------------------------------------------------------------------------------ token strings
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    # GPT-2's byte <-> printable-unicode table, used by every byte-level BPE (Llama 3, Qwen, SmolLM).
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars)}
+
+
+_SP_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class TokenStrings:
+    """Text and raw bytes of single tokens for logprobs, for any Hugging Face tokenizer.
+
+    Decoding one token of a multi-byte character gives U+FFFD; when the vocabulary entry maps back to raw
+    bytes (byte-level BPE, or sentencepiece's <0xNN>) those bytes are reported, and the token is shown as
+    `bytes:\\xNN` as OpenAI does.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            hit = self._cache[token_id] = self._compute(token_id)
+        return hit
+
+    def text(self, token_id: int) -> str:
+        return self(token_id)[0]
+
+    def _compute(self, token_id: int) -> tuple[str, list[int]]:
+        tok = self.tokenizer
+        text = tok.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        piece = tok.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
+            text = " " + text  # sentencepiece drops the word-start space when decoding a lone token
+        raw = _raw_bytes(piece) if isinstance(piece, str) else None
+        # Trust the vocabulary bytes only where they agree with the decoded text (so not for e.g. a
+        # sentencepiece "é", whose characters also happen to lie in the byte-level table).
+        if raw is None or raw.decode("utf-8", "replace") != text:
+            return text, list(text.encode("utf-8"))
+        try:
+            return raw.decode("utf-8"), list(raw)
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
+
+
+def _raw_bytes(piece: str) -> bytes | None:
+    m = _SP_BYTE.fullmatch(piece)
+    if m:
+        return bytes([int(m.group(1), 16)])
+    table = _byte_level_decoder()
+    if piece and all(c in table for c in piece):
+        return bytes(table[c] for c in piece)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- choices
+
+
+class ChoiceState:
+    """Everything one choice has produced so far: text, token ids, logprobs and finish reason."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.text_offsets: list[int] = []  # character offset of each logprob's token in `text`
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def consume(self, step: StepOutput, strings: TokenStrings | None = None) -> None:
+        """Append one step. `strings` (needed only with logprobs) places multi-token steps' offsets."""
+        if self.finished:
+            raise RuntimeError(f"choice {self.index} received output after it finished")
+        if step.finish_reason is FinishReason.ABORT:
+            # Client disconnects never reach here (the Router stops reading); an abort is the server's doing.
+            raise ApiError.unavailable("The request was aborted by the server", code="request_aborted")
+        start, end = len(self.text), len(self.text) + len(step.text)
+        offset = start
+        for lp in step.logprobs:
+            self.text_offsets.append(min(offset, end))
+            offset += len(strings.text(lp.token_id)) if strings is not None else 0
+        self.text += step.text
+        self.token_ids.extend(step.token_ids)
+        self.logprobs.extend(step.logprobs)
+        if step.finished:
+            self.finish_reason = (step.finish_reason or FinishReason.STOP).value
+
+
+# ------------------------------------------------------------------------------------------------ responders
+
+
+def _choice(choice: ChoiceState, key: str, value: Any, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+    return {"index": choice.index, key: value, "logprobs": logprobs, "finish_reason": choice.finish_reason}
+
+
+class _Responder(abc.ABC):
+    object_name = ""
+    chunk_object = ""
+    id_prefix = ""
+
+    def __init__(
+        self,
+        request: AnyRequest,
+        served_by: ServedBy,
+        tokenizer: Any,
+        *,
+        prompt_tokens: int,
+        request_id: str | None = None,
+        created: int | None = None,
+    ) -> None:
+        self.request = request
+        self.served_by = served_by
+        self.prompt_tokens = prompt_tokens
+        self.id = request_id or f"{self.id_prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time()) if created is None else created
+        self.strings = TokenStrings(tokenizer)
+        self.choices = [ChoiceState(i) for i in range(request.num_choices)]
+        # Completions: logprobs=0..5 (0 still wants the chosen token's); chat: logprobs=true.
+        self.logprobs_wanted = request.logprobs is not None and request.logprobs is not False
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finished for c in self.choices)
+
+    def usage(self) -> dict[str, int]:
+        completion = sum(len(c.token_ids) for c in self.choices)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+
+    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        out = {"id": self.id, "object": obj, "created": self.created, "model": self.request.model}
+        out |= {"choices": choices, "overfill": served_by_json(self.served_by)}
+        return out
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        out = self._envelope(self.chunk_object, choices)
+        if self.request.include_usage:
+            out["usage"] = None  # OpenAI: null on every chunk but the final usage chunk
+        return out
+
+    def start(self) -> list[dict[str, Any]]:
+        """Chunks to send before any output (streaming only)."""
+        return []
+
+    def add(self, index: int, step: StepOutput) -> list[dict[str, Any]]:
+        """Record one step of choice `index`; returns the streaming chunks for it (possibly none)."""
+        choice = self.choices[index]
+        logprobs = self.logprobs_wanted
+        before = len(choice.logprobs)
+        choice.consume(step, self.strings if logprobs else None)
+        if not (step.text or step.finished or (logprobs and step.logprobs)):
+            return []  # text held back (stop-string or partial character): nothing to say yet
+        lps = self._logprobs(choice, before) if logprobs else None
+        return [self._chunk([self._delta(choice, step.text, lps)])]
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Chunks to send after every choice finished: the usage chunk when the client asked for it."""
+        if not self.request.include_usage:
+            return []
+        out = self._chunk([])
+        out["usage"] = self.usage()
+        return [out]
+
+    def response(self) -> dict[str, Any]:
+        """The non-streaming body; every choice must have finished."""
+        for c in self.choices:
+            if not c.finished:
+                raise RuntimeError(f"choice {c.index} has not finished")
+        logprobs = self.logprobs_wanted
+        choices = [self._final(c, self._logprobs(c, 0) if logprobs else None) for c in self.choices]
+        out = self._envelope(self.object_name, choices)
+        out["usage"] = self.usage()
+        return out
+
+    async def sse_stream(self, outputs: AsyncIterable[tuple[int, StepOutput]]) -> AsyncIterator[str]:
+        """The whole SSE body: start chunks, one event per chunk, usage, `[DONE]`; an exception raised by
+        `outputs` (or here) becomes one error event before `[DONE]`."""
+        try:
+            for chunk in self.start():
+                yield sse(chunk)
+            async for index, step in outputs:
+                for chunk in self.add(index, step):
+                    yield sse(chunk)
+            for chunk in self.finish():
+                yield sse(chunk)
+        except Exception as e:
+            yield sse_error(e)
+        yield SSE_DONE
+
+    # Endpoint-specific parts.
+    @abc.abstractmethod
+    def _logprobs(self, choice: ChoiceState, start: int) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def _delta(self, choice: ChoiceState, text: str, logprobs: dict[str, Any] | None) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def _final(self, choice: ChoiceState, logprobs: dict[str, Any] | None) -> dict[str, Any]: ...
+
+
+class CompletionResponder(_Responder):
+    object_name = chunk_object = "text_completion"  # the legacy API streams the same object type
+    id_prefix = "cmpl"
+    request: CompletionRequest
+
+    def __init__(self, request: CompletionRequest, served_by: ServedBy, tokenizer: Any, **kw: Any) -> None:
+        super().__init__(request, served_by, tokenizer, **kw)
+        prompt = request.single_prompt
+        self.echo_text = ""
+        if request.echo:
+            self.echo_text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+
+    def start(self) -> list[dict[str, Any]]:
+        if not self.echo_text:
+            return []
+        return [self._chunk([self._delta(c, self.echo_text, None)]) for c in self.choices]
+
+    def _logprobs(self, choice: ChoiceState, start: int) -> dict[str, Any]:
+        out: dict[str, list[Any]] = {
+            k: [] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+        }
+        for lp, offset in zip(choice.logprobs[start:], choice.text_offsets[start:]):
+            out["tokens"].append(self.strings.text(lp.token_id))
+            out["token_logprobs"].append(_logprob(lp.logprob))
+            # Legacy format: a dict of the alternatives plus the sampled token, keyed by token text.
+            top = {self.strings.text(t): _logprob(v) for t, v in lp.top}
+            top.setdefault(self.strings.text(lp.token_id), _logprob(lp.logprob))
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(offset)
+        return out
+
+    def _delta(self, choice: ChoiceState, text: str, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+        return _choice(choice, "text", text, logprobs)
+
+    def _final(self, choice: ChoiceState, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+        return self._delta(choice, self.echo_text + choice.text, logprobs)
+
+
+class ChatResponder(_Responder):
+    object_name = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+    id_prefix = "chatcmpl"
+    request: ChatCompletionRequest
+
+    def start(self) -> list[dict[str, Any]]:
+        # OpenAI opens every choice's stream with the role and empty content.
+        role = {"role": "assistant", "content": ""}
+        return [self._chunk([_choice(c, "delta", role, None)]) for c in self.choices]
+
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text, raw = self.strings(token_id)
+        return {"token": text, "logprob": _logprob(logprob), "bytes": raw}
+
+    def _logprobs(self, choice: ChoiceState, start: int) -> dict[str, Any]:
+        content = []
+        for lp in choice.logprobs[start:]:
+            entry = self._entry(lp.token_id, lp.logprob)
+            entry["top_logprobs"] = [self._entry(t, v) for t, v in lp.top]
+            content.append(entry)
+        return {"content": content, "refusal": None}
+
+    def _delta(self, choice: ChoiceState, text: str, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+        delta = {"content": text} if text or not choice.finished else {}
+        return _choice(choice, "delta", delta, logprobs)
+
+    def _final(self, choice: ChoiceState, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+        return _choice(choice, "message", {"role": "assistant", "content": choice.text}, logprobs)
+
+
+async def merge_choices(
+    streams: Sequence[AsyncIterator[StepOutput]],
+) -> AsyncIterator[tuple[int, StepOutput]]:
+    """The n choices' StepOutput streams as `(choice_index, step)` pairs, in arrival order. An error in one
+    stream cancels the others and is raised here; closing this generator (client gone) cancels them all."""
+    if len(streams) == 1:  # the common case needs no tasks
+        async for step in streams[0]:
+            yield 0, step
+        return
+    queue: asyncio.Queue[tuple[int, StepOutput | Exception | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[StepOutput]) -> None:
+        try:
+            async for step in stream:
+                await queue.put((index, step))
+            await queue.put((index, None))
+        except Exception as e:
+            await queue.put((index, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        live = len(tasks)
+        while live:
+            index, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
+                live -= 1
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def make_responder(
+    request: AnyRequest,
+    served_by: ServedBy,
+    tokenizer: Any,
+    *,
+    prompt_tokens: int,
+    request_id: str | None = None,
+    created: int | None = None,
+) -> CompletionResponder | ChatResponder:
+    """The responder for the request's endpoint."""
+    if isinstance(request, CompletionRequest):
+        return CompletionResponder(
+            request, served_by, tokenizer, prompt_tokens=prompt_tokens, request_id=request_id, created=created
+        )
+    return ChatResponder(
+        request, served_by, tokenizer, prompt_tokens=prompt_tokens, request_id=request_id, created=created
+    )
