@@ -17,7 +17,18 @@ from overfill_serve.serve.router import Router
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
-    config = ServeConfig.from_args(args)
-    prefill = PrefillServer.options(request_router_config=request_router_config("prefill")).bind(config)  # type: ignore[attr-defined]
-    decode = DecodeServer.options(request_router_config=request_router_config("decode")).bind(config)  # type: ignore[attr-defined]
-    return Router.bind(config, prefill, decode)  # type: ignore[attr-defined]
+    """The `import_path` target: Serve calls it with the config file's `args`."""
+    return build_app_with(ServeConfig.from_args(args))
+
+
+def build_app_with(config: ServeConfig, options: dict[str, dict[str, Any]] | None = None) -> Application:
+    """The application with per-deployment option overrides (what a config file's `deployments:` section
+    does under `serve run`), for Python callers: tests and benchmarks."""
+    options = options or {}
+    prefill = PrefillServer.options(  # type: ignore[attr-defined]
+        request_router_config=request_router_config("prefill"), **options.get("PrefillServer", {})
+    ).bind(config)
+    decode = DecodeServer.options(  # type: ignore[attr-defined]
+        request_router_config=request_router_config("decode"), **options.get("DecodeServer", {})
+    ).bind(config)
+    return Router.options(**options.get("Router", {})).bind(config, prefill, decode)  # type: ignore[attr-defined]

@@ -51,7 +51,11 @@ class _ModelServer:
     def stats(self) -> dict:
         stats = self.worker.stats()
         self.metrics.observe(stats)
-        return {**stats, "node_id": ray.get_runtime_context().get_node_id()}
+        return {
+            **stats,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "replica_id": serve.get_replica_context().replica_id.unique_id,
+        }
 
     def record_routing_stats(self) -> dict:
         """Read by the replica router (`replica_router.py`) to rank replicas."""

@@ -1,0 +1,154 @@
+"""Faults under Ray Serve, on a tiny pair: a decode replica killed mid-stream (the request migrates to the
+other replica and ends with the offline output), and overload (503 / RESOURCE_EXHAUSTED with a retry hint,
+nothing lost)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+
+import pytest
+from serve_harness import GRPC_PORT, HTTP_PORT, load_app_config, replica_stats, run_app, start_ray, wait_until
+
+pytest.importorskip("ray")
+
+APP = "tiny"
+PROMPT = list(range(20, 60))
+
+
+@pytest.fixture(scope="module")
+def served(pairs):
+    from ray import serve
+
+    pair = pairs["width"]
+    config, _ = load_app_config()
+    args = {
+        "pair_name": "tiny",
+        "prefill_model": str(pair.teacher),
+        "decode_model": str(pair.student),
+        "block_size": 4,
+        "prefill_kv_blocks": 256,
+        "decode_kv_blocks": 256,
+        "max_inflight_requests": 3,
+    }
+    start_ray({})
+    run_app(
+        args,
+        APP,
+        config["grpc_options"]["grpc_servicer_functions"],
+        options={"DecodeServer": {"num_replicas": 2}},
+    )
+    yield pair
+    serve.shutdown()
+    import ray
+
+    ray.shutdown()
+
+
+def _post(body: dict) -> http.client.HTTPResponse:
+    conn = http.client.HTTPConnection("127.0.0.1", HTTP_PORT, timeout=120)
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    return conn.getresponse()
+
+
+def _pools_full() -> bool:
+    stats = replica_stats(APP, "PrefillServer") + replica_stats(APP, "DecodeServer")
+    return all(s["free_blocks"] == s["total_blocks"] and s.get("open_transfers", 0) == 0 for s in stats)
+
+
+def test_killed_decode_replica_migrates_the_stream(served):
+    import ray
+
+    from overfill_serve import LLM, SamplingParams
+
+    pair = served
+    max_tokens = 300
+    want = LLM(pair.teacher, pair.student, num_kv_blocks=256, block_size=4).generate(
+        PROMPT, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    )[0]
+    response = _post(
+        {
+            "model": "tiny",
+            "prompt": PROMPT,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
+    )
+    assert response.status == 200
+    first = response.readline() + response.readline()  # the first event is out: the request is decoding
+
+    busy = []
+    wait_until(
+        lambda: bool(busy.extend(s for s in replica_stats(APP, "DecodeServer") if s["running"]) or busy),
+        timeout=30,
+        what="a decode replica running the request",
+    )
+    ray.kill(
+        ray.get_actor(f"SERVE_REPLICA::{APP}#DecodeServer#{busy[0]['replica_id']}", namespace="serve"),
+        no_restart=True,
+    )
+
+    events = [line[6:] for line in (first + response.read()).split(b"\n") if line.startswith(b"data: ")]
+    assert events[-1] == b"[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all("error" not in c for c in chunks), chunks[-1]
+    assert "".join(c["choices"][0]["text"] for c in chunks if c.get("choices")) == want.text
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    wait_until(_pools_full, timeout=30, what="KV pools full after the migration")
+
+
+def test_overload_answers_503_with_retry_hint_and_loses_nothing(served):
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+    results: list[tuple[int, dict, str | None]] = []
+
+    def run() -> None:
+        response = _post(body)
+        results.append((response.status, json.loads(response.read()), response.getheader("Retry-After")))
+
+    threads = [threading.Thread(target=run) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    statuses = sorted(status for status, _, _ in results)
+    assert len(results) == 8 and set(statuses) == {200, 503}
+    for status, payload, retry_after in results:
+        if status == 503:
+            assert payload["error"]["code"] == "overloaded" and retry_after
+        else:
+            assert len(payload["choices"][0]["text"]) > 0 and payload["usage"]["completion_tokens"] == 200
+    wait_until(_pools_full, timeout=30, what="KV pools full after the burst")
+
+
+def test_overload_grpc_resource_exhausted(served):
+    import grpc
+
+    from overfill_serve.client import GRPCClient, GRPCError
+
+    errors: list[GRPCError] = []
+    done: list[int] = []
+
+    def run() -> None:
+        with GRPCClient(f"127.0.0.1:{GRPC_PORT}", application=APP) as client:
+            try:
+                done.append(
+                    len(
+                        client.generate(
+                            PROMPT, model="tiny", max_tokens=200, ignore_eos=True, temperature=0
+                        ).token_ids
+                    )
+                )
+            except GRPCError as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert errors and done and len(errors) + len(done) == 8
+    assert all(e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in e.details for e in errors)
+    assert all(n == 200 for n in done)
