@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint run bench protos clean
+.PHONY: install test test-fast lint run serve serve-pruned bench protos clean
 
 install: $(STAMP)
 
@@ -31,6 +31,18 @@ lint: install
 
 run: install
 	$(VENV)/bin/overfill-serve generate --chat --prompt "What is the capital of France?" -v
+
+# The disaggregated app on Ray Serve: HTTP (OpenAI API) on :8000, gRPC on :9000. Ctrl-C stops it.
+RAY_ENV := RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
+serve: install
+	$(VENV)/bin/overfill-serve fetch-default
+	$(RAY_ENV) $(VENV)/bin/serve run cluster/config.yaml
+
+PRUNED := $(HOME)/.cache/overfill-serve/SmolLM2-135M-pruned
+serve-pruned: install
+	test -d $(PRUNED) || $(VENV)/bin/overfill-serve prune "$$($(VENV)/bin/overfill-serve fetch-default)" \
+		$(PRUNED) --hidden-size 288 --intermediate-size 768
+	$(RAY_ENV) $(VENV)/bin/serve run cluster/config.pruned.yaml
 
 bench: install
 	$(PY) benchmarks/offline_throughput.py

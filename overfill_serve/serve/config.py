@@ -57,6 +57,6 @@ class ServeConfig:
 
             prefill = default_model_dir()
         else:
-            prefill = Path(self.prefill_model)
-        decode = Path(self.decode_model) if self.decode_model is not None else prefill
+            prefill = Path(self.prefill_model).expanduser()
+        decode = Path(self.decode_model).expanduser() if self.decode_model is not None else prefill
         return prefill, decode
