@@ -1,4 +1,4 @@
-"""`overfill-serve` command line: generate, check-pair, prune, fetch-default."""
+"""`overfill-serve` command line: generate, check-pair, prune, fetch-default, client."""
 
 from __future__ import annotations
 
@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = sub.add_parser("fetch-default", help="convert the embedded SmolLM2-135M-Instruct into the cache")
     fetch.add_argument("--force", action="store_true")
     fetch.set_defaults(func=_fetch_default)
+
+    from overfill_serve.client_cli import add_client_command  # grpc, no torch
+
+    add_client_command(sub)
     return parser
 
 

@@ -50,7 +50,11 @@ class IncrementalDetokenizer:
         # already accounted for (prompt context, or output appended to `text`).
         self._ids = list(prompt_token_ids[-_PROMPT_CONTEXT:])
         self._start = 0
-        self._consumed = len(self._decode(self._ids))
+        context = self._decode(self._ids)
+        # Trailing U+FFFD are bytes of a character not finished yet (a request resumed mid-character on
+        # another worker after a preemption or migration): they are emitted once the character completes.
+        pending = len(context) - len(context.rstrip(_REPLACEMENT))
+        self._consumed = len(context) - min(pending, _MAX_PENDING)
         self.text = ""  # full output text so far, after stop-string truncation
         self._sent = 0  # characters of `text` already returned to the caller
         self.stop_string: str | None = None  # the stop string that ended the stream, if any

@@ -6,6 +6,8 @@ status codes. Asserts are kept for internal invariants only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class OverfillError(Exception):
     """Base class of every error overfill-serve raises on purpose."""
@@ -20,6 +22,39 @@ class InvalidRequestError(OverfillError, ValueError):
 
     def __reduce__(self) -> tuple:  # errors cross process boundaries (Ray): keep every field
         return (type(self), (str(self), self.field))
+
+
+class ModelNotFoundError(InvalidRequestError):
+    """The model id names no served model: HTTP 404 `model_not_found`, gRPC NOT_FOUND. `field` is "model",
+    so code that only knows `InvalidRequestError` still sees a client error."""
+
+    def __init__(self, model: str, available: Sequence[str]) -> None:
+        super().__init__(f"model {model!r} not found; available: {', '.join(available)}", field="model")
+        self.model, self.available = model, list(available)
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.model, self.available))
+
+
+class UnauthenticatedError(OverfillError):
+    """Missing or wrong API key: HTTP 401, gRPC UNAUTHENTICATED."""
+
+
+class OverloadedError(OverfillError):
+    """The router is at capacity (e.g. max_inflight_requests): HTTP 503 `overloaded` with Retry-After, gRPC
+    RESOURCE_EXHAUSTED with a retry hint. `retry_after_s`: when to retry, if known."""
+
+    def __init__(self, message: str = "the server is overloaded", retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (str(self), self.retry_after_s))
+
+
+class ServiceUnavailableError(OverfillError):
+    """No replica could finish the request (all died, or the retry budget ran out): HTTP 503
+    `service_unavailable`, gRPC UNAVAILABLE."""
 
 
 class ModelConfigError(OverfillError, ValueError):

@@ -7,6 +7,8 @@ import argparse
 import io
 import json
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,11 +26,10 @@ from overfill_serve.client import (
     GRPCClient,
     GRPCError,
     HTTPClient,
-    add_client_command,
     iter_sse,
     make_request,
-    run_client,
 )
+from overfill_serve.client_cli import add_client_command, run_client
 from overfill_serve.errors import OverfillError
 
 API_KEY = "sk-test"
@@ -346,3 +347,24 @@ def test_cli(http_url, grpc_server):
     assert out.splitlines()[2].split("\t")[:2] == [PAIR + ":full", "full"]
     with pytest.raises(ClientError):
         run_client(argparse.Namespace(prompt=None, chat=None, list_models=False))
+
+
+def test_overfill_serve_client_command(http_url):
+    """`overfill-serve client` is wired into the CLI, and neither it nor `overfill_serve.client` imports torch."""
+    script = (
+        "import sys\n"
+        "import overfill_serve.client\n"
+        "from overfill_serve.cli import main\n"
+        f"main(['client', '--url', {http_url!r}, '--list-models'])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [PAIR, PAIR + ":full"]
+    help_text = subprocess.run(
+        [sys.executable, "-m", "overfill_serve", "client", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert help_text.returncode == 0 and "--list-models" in help_text.stdout

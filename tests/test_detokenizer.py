@@ -159,3 +159,16 @@ def test_stop_string_across_special_token_boundary(tokenizer) -> None:
     ids = tokenizer.encode("answer") + [end] + tokenizer.encode("more")
     _, _, full = stream(tokenizer, ids, skip_special_tokens=False, stop=["<|im_end|>"])
     assert full == "answer"
+
+
+def test_resumed_mid_character_emits_the_held_back_bytes(tokenizer) -> None:
+    """A request resumed on another worker (preemption, migration) after tokens that end inside a character:
+    the first worker never streamed those bytes, so the new detokenizer must emit the whole character."""
+    emoji = tokenizer.encode("😀")
+    ids = tokenizer.encode("ok ") + emoji + tokenizer.encode(" done")
+    cut = len(ids) - len(tokenizer.encode(" done")) - 1  # after all but the emoji's last token
+    assert tokenizer.decode(ids[:cut]).endswith("\ufffd")
+    first, _, _ = stream(tokenizer, ids[:cut])  # the first worker: stops mid-character, holds it back
+    resumed = IncrementalDetokenizer(tokenizer, ids[:cut], SamplingParams())  # context: everything so far
+    rest = [resumed.step(t).delta for t in ids[cut:]] + [resumed.finish()]
+    assert "".join(first) + "".join(rest) == "ok 😀 done"

@@ -137,3 +137,27 @@ def test_errors_survive_pickling():
     for cls in (PairMismatchError, LayoutMismatchError):
         m = pickle.loads(pickle.dumps(cls(["dtype: a != b", "head_dim: 1 != 2"])))
         assert m.mismatches == ["dtype: a != b", "head_dim: 1 != 2"]
+
+
+def test_serving_errors_survive_pickling():
+    """The serving layer's errors cross Ray replicas too; the HTTP / gRPC mappings read their fields."""
+    import pickle
+
+    from overfill_serve.errors import (
+        ModelNotFoundError,
+        OverloadedError,
+        ServiceUnavailableError,
+        UnauthenticatedError,
+    )
+
+    original = ModelNotFoundError("x", ["pair", "pair:full"])
+    m = pickle.loads(pickle.dumps(original))
+    assert isinstance(m, ModelNotFoundError) and isinstance(m, InvalidRequestError)
+    assert (m.model, m.available, m.field, str(m)) == ("x", ["pair", "pair:full"], "model", str(original))
+    o = pickle.loads(pickle.dumps(OverloadedError("busy", retry_after_s=3)))
+    assert isinstance(o, OverloadedError) and (str(o), o.retry_after_s) == ("busy", 3)
+    d = pickle.loads(pickle.dumps(OverloadedError()))
+    assert (str(d), d.retry_after_s) == ("the server is overloaded", None)
+    for cls in (UnauthenticatedError, ServiceUnavailableError):
+        e = pickle.loads(pickle.dumps(cls("why")))
+        assert type(e) is cls and str(e) == "why"

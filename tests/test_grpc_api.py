@@ -4,7 +4,6 @@ gRPC server on 127.0.0.1 built from those helpers (only the token source is fake
 from __future__ import annotations
 
 import math
-import pickle
 from collections.abc import Iterator
 from concurrent import futures
 from contextlib import contextmanager
@@ -19,14 +18,21 @@ from overfill_serve._proto.overfill.v1 import generate_pb2_grpc
 from overfill_serve.engine.output_processor import StepOutput
 from overfill_serve.errors import (
     InvalidRequestError,
+    ModelNotFoundError,
     OutOfBlocksError,
+    OverloadedError,
     PeerUnavailableError,
     PreemptedError,
+    ServiceUnavailableError,
     TransferTimeoutError,
+    UnauthenticatedError,
 )
 from overfill_serve.request import FinishReason, Mode, TokenLogprob
 from overfill_serve.sampling_params import SamplingParams
 from overfill_serve.serve import grpc_api as api
+from overfill_serve.serve import grpc_responses as responses
+from overfill_serve.serve.model_names import resolve_model
+from overfill_serve.serve.served_by import ServedBy
 
 PAIR, TEACHER, STUDENT = "tiny-pair", "/models/teacher", "/models/student"
 WORDS = ["Hello", ",", " world", "!", " How", " are", " you", "?"]
@@ -67,7 +73,7 @@ class FakeGenerateServicer(generate_pb2_grpc.GenerateServicer):
         self.params.append(params)
         text = prompt if isinstance(prompt, str) else repr(prompt)
         rid = api.request_id_of(request)
-        acc = api.GenerationAccumulator(rid, len(text), api.ServedBy.of(mode, TEACHER, STUDENT))
+        acc = responses.GenerationAccumulator(rid, len(text), ServedBy.of(mode, TEACHER, STUDENT))
         return acc, fake_outputs(rid, text, params)
 
     def Generate(self, request, context):
@@ -89,7 +95,7 @@ class FakeGenerateServicer(generate_pb2_grpc.GenerateServicer):
             api.apply_status(context, e)
 
     def ListModels(self, request, context):
-        return api.models_to_proto(PAIR, TEACHER, STUDENT)
+        return responses.models_to_proto(PAIR, TEACHER, STUDENT)
 
 
 @contextmanager
@@ -206,7 +212,7 @@ def test_mode_resolution(model, mode, expected):
 
 @pytest.mark.parametrize("model", ["other", f"{PAIR}:half", f"{PAIR}-x", f"{PAIR}:"])
 def test_unknown_model_is_not_found(model):
-    with pytest.raises(api.ModelNotFoundError) as e:
+    with pytest.raises(ModelNotFoundError) as e:
         api.mode_from_request(pb.GenerateRequest(model=model, mode=pb.MODE_FULL), PAIR)
     assert e.value.field == "model" and isinstance(e.value, InvalidRequestError)
     code, details = api.status_for(e.value)
@@ -263,20 +269,20 @@ def test_request_ids():
 
 
 def test_models_and_served_by():
-    models = api.models_to_proto(PAIR, TEACHER, STUDENT).models
+    models = responses.models_to_proto(PAIR, TEACHER, STUDENT).models
     assert [(m.id, m.mode, m.prefill_model, m.decode_model) for m in models] == [
         (PAIR, pb.MODE_OVERFILL, TEACHER, STUDENT),
         (f"{PAIR}:overfill", pb.MODE_OVERFILL, TEACHER, STUDENT),
         (f"{PAIR}:full", pb.MODE_FULL, TEACHER, TEACHER),
         (f"{PAIR}:pruned", pb.MODE_PRUNED, STUDENT, STUDENT),
     ]
-    assert [api.resolve_model(m.id, PAIR) for m in models] == [Mode.OVERFILL, *Mode]
+    assert [resolve_model(m.id, PAIR) for m in models] == [Mode.OVERFILL, *Mode]
 
 
 def test_accumulator_chunks_and_response():
     ticks = iter([10.0, 10.5, 11.0, 12.0])
-    served = api.ServedBy.of(Mode.OVERFILL, TEACHER, STUDENT)
-    acc = api.GenerationAccumulator("r1", 5, served, clock=lambda: next(ticks))
+    served = ServedBy.of(Mode.OVERFILL, TEACHER, STUDENT)
+    acc = responses.GenerationAccumulator("r1", 5, served, clock=lambda: next(ticks))
     lp = TokenLogprob(101, -0.25, ((101, -0.25), (9, -2.0)))
     c1 = acc.add(StepOutput("internal-7", (100,), "Hel", False))
     c2 = acc.add(StepOutput("internal-7", (101,), "lo", True, FinishReason.STOP, (lp,)))
@@ -290,7 +296,7 @@ def test_accumulator_chunks_and_response():
     r = acc.response(stop_reason=2)
     assert (r.text, list(r.token_ids), r.finish_reason, r.stop_token_id) == ("Hello", [100, 101], 1, 2)
     assert r.WhichOneof("stop_reason") == "stop_token_id" and len(r.logprobs) == 1
-    r = api.response_to_proto(
+    r = responses.response_to_proto(
         "x", "", [], None, prompt_tokens=1, served_by=served, ttft_s=0, e2e_s=0, stop_reason="END"
     )
     assert r.stop_string == "END"
@@ -303,12 +309,14 @@ def test_accumulator_chunks_and_response():
     "exc, code, needle",
     [
         (InvalidRequestError("top_p must be in (0, 1]", field="top_p"), "INVALID_ARGUMENT", "(field: top_p)"),
-        (api.ModelNotFoundError("x", [PAIR]), "NOT_FOUND", "'x' not found"),
-        (api.UnauthenticatedError("bad key"), "UNAUTHENTICATED", "bad key"),
-        (api.OverloadedError("64 requests in flight", retry_after_s=2), "RESOURCE_EXHAUSTED", "retry in 2 s"),
+        (ModelNotFoundError("x", [PAIR]), "NOT_FOUND", "'x' not found"),
+        (UnauthenticatedError("bad key"), "UNAUTHENTICATED", "bad key"),
+        (OverloadedError("64 requests in flight", retry_after_s=2), "RESOURCE_EXHAUSTED", "retry in 2 s"),
+        (OverloadedError(), "RESOURCE_EXHAUSTED", "retry with backoff"),
         (OutOfBlocksError("pool of 12 blocks on cuda:3"), "RESOURCE_EXHAUSTED", "retry later"),
         (TransferTimeoutError("peer 10.0.0.7:5555 stalled"), "UNAVAILABLE", "retry"),
         (PreemptedError("r1", [1, 2]), "UNAVAILABLE", "retry"),
+        (ServiceUnavailableError("request r1: replica at 10.0.0.7 died"), "UNAVAILABLE", "no replica"),
         (TimeoutError(), "DEADLINE_EXCEEDED", "timed out"),
         (RuntimeError("CUDA error at /src/kernels.cu:12"), "INTERNAL", "internal error"),
     ],
@@ -331,22 +339,11 @@ def test_status_for_ray_errors():
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_errors_survive_pickling():
-    e = pickle.loads(pickle.dumps(api.ModelNotFoundError("x", [PAIR, f"{PAIR}:full"])))
-    assert (e.model, e.field, str(e)) == (
-        "x",
-        "model",
-        str(api.ModelNotFoundError("x", [PAIR, f"{PAIR}:full"])),
-    )
-    o = pickle.loads(pickle.dumps(api.OverloadedError("busy", retry_after_s=3)))
-    assert (str(o), o.retry_after_s) == ("busy", 3)
-
-
 def test_check_api_key():
     api.check_api_key([], None)
     api.check_api_key([("authorization", "Bearer k1")], "k1")
     for metadata in ([], [("authorization", "Bearer k2")], [("authorization", "k1")]):
-        with pytest.raises(api.UnauthenticatedError):
+        with pytest.raises(UnauthenticatedError):
             api.check_api_key(metadata, "k1")
 
 

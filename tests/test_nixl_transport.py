@@ -11,6 +11,8 @@ import random
 import threading
 import time
 
+import grpc
+import msgpack
 import numpy as np
 import pytest
 import torch
@@ -27,10 +29,15 @@ from peer_process import SECRET, PeerProcess
 
 from overfill_serve import LLM, SamplingParams
 from overfill_serve._proto.overfill.v1 import kv_transfer_pb2 as pb
+from overfill_serve._proto.overfill.v1 import kv_transfer_pb2_grpc as pb_grpc
 from overfill_serve.errors import ChunkError, PeerUnavailableError, TransferError
-from overfill_serve.transfer import nixl as nixl_module
+from overfill_serve.transfer import auth
+from overfill_serve.transfer import nixl_transport as nixl_module
+from overfill_serve.transfer.channel import KVChannel
 from overfill_serve.transfer.config import TransferConfig
-from overfill_serve.transfer.nixl import NixlTransport, RemotePool, coalesce
+from overfill_serve.transfer.nixl_agent import RemotePool
+from overfill_serve.transfer.nixl_transport import NixlTransport, coalesce
+from overfill_serve.transfer.transport import KVTransport
 from overfill_serve.worker.decode_worker import DecodeWorker
 from overfill_serve.worker.prefill_worker import PrefillWorker, TransferTicket
 
@@ -267,6 +274,73 @@ def test_concurrent_pulls_share_one_agent(workers):
     for dest in dests:
         decode.pool.free(dest)
     _wait_for(lambda: _full(prefill.stats()) and prefill.stats()["open_transfers"] == 0)
+
+
+class _BadHello(KVTransport):
+    """A decode side whose NIXL hello is not an envelope."""
+
+    name = "nixl"
+
+    def hello(self) -> bytes:
+        return b"\xc1"
+
+    def receive(self, channel, transfer_id, dest_blocks, num_tokens):
+        raise AssertionError("never connected")
+
+
+def test_handshake_failure_is_typed_and_stop_closes_the_source(workers):
+    """A TransferError in the prefill side's NIXL handshake reaches the peer with its status (not UNKNOWN);
+    stopping the KV server deregisters the pool."""
+    prefill, decode = workers
+    bad = KVChannel(
+        prefill.address, decode.layout, decode.cache, NIXL, client_id="bad", transport=_BadHello()
+    )
+    with pytest.raises(TransferError, match="INTERNAL: unreadable NIXL handshake from the decode side"):
+        bad.connect()
+    bad.close()
+    source = prefill.server.servicer.nixl_source
+    assert source is not None  # created by that handshake: a good peer still connects
+    assert len(_tokens(decode, prefill.submit(PROMPTS[1], GREEDY), PROMPTS[1])) == 10
+    prefill.server.stop()
+    assert not source._finalizer.alive  # closed: agent's peers removed, pool deregistered
+
+
+def test_handshake_macs_cover_the_nixl_envelopes(workers):
+    """A decode side's NIXL hello swapped in transit fails the cluster-secret check; the prefill side's
+    envelope is signed by its MAC."""
+    prefill, decode = workers
+    secret = auth.load_secret(SECRET)
+    layout = msgpack.packb(decode.layout.to_dict())
+    genuine = decode.channel(prefill.address).transport.hello()
+    forged = msgpack.packb({"v": 1, "name": "mallory", "agent": b"not an agent"})
+
+    def handshake(stub, sent: bytes, signed: bytes) -> tuple[pb.HandshakeResponse, bytes, bytes]:
+        server_nonce = stub.Challenge(pb.ChallengeRequest(), timeout=10).server_nonce
+        client_nonce = auth.new_nonce()
+        request = pb.HandshakeRequest(
+            client_id="test",
+            server_nonce=server_nonce,
+            client_nonce=client_nonce,
+            layout=layout,
+            mac=auth.client_mac(secret, server_nonce, client_nonce, layout, signed),
+            backend="nixl",
+            nixl_agent_metadata=sent,
+        )
+        return stub.Handshake(request, timeout=10), server_nonce, client_nonce
+
+    with grpc.insecure_channel(prefill.address) as channel:
+        stub = pb_grpc.KVTransferStub(channel)
+        with pytest.raises(grpc.RpcError) as e:
+            handshake(stub, forged, genuine)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        response, server_nonce, client_nonce = handshake(stub, genuine, genuine)
+    assert response.nixl_agent_metadata
+    signed = auth.server_mac(
+        secret, client_nonce, server_nonce, response.session, response.layout, response.nixl_agent_metadata
+    )
+    assert auth.verify(signed, response.mac)
+    unsigned = auth.server_mac(secret, client_nonce, server_nonce, response.session, response.layout, b"")
+    assert not auth.verify(unsigned, response.mac)
 
 
 def test_prefill_killed_before_the_read(pairs, monkeypatch):

@@ -1,5 +1,6 @@
-"""The OpenAI protocol layer: request validation, model names, error mapping, and responses / SSE streams that
-the official `openai` client's own types and stream parser accept."""
+"""OpenAI responses: completions, chat completions and their SSE streams, which the official `openai` client's own
+types and stream parser accept; the model list; the whole exchange through that client over an in-process
+HTTP transport."""
 
 from __future__ import annotations
 
@@ -9,54 +10,38 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import openai
-import pydantic
 import pytest
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from test_openai_protocol import PAIR, chat_body, completion_body
 
 from overfill_serve.engine.output_processor import StepOutput
-from overfill_serve.errors import (
-    AuthenticationError,
-    InvalidRequestError,
-    ModelConfigError,
-    OutOfBlocksError,
-    PeerUnavailableError,
-)
+from overfill_serve.errors import OutOfBlocksError
 from overfill_serve.model.random_model import make_tokenizer
 from overfill_serve.request import FinishReason, Mode, TokenLogprob
-from overfill_serve.serve.openai_api import SSE_DONE, ServedBy, make_responder, merge_choices, model_list, sse
+from overfill_serve.serve.model_names import resolve_model
+from overfill_serve.serve.openai_api import SSE_DONE, make_responder, merge_choices, model_list, sse
+from overfill_serve.serve.openai_errors import ApiError, from_exception
 from overfill_serve.serve.openai_protocol import (
-    ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     choice_sampling_params,
     encode_prompt,
-    from_exception,
-    parse_model,
     parse_request,
-    to_sampling_params,
 )
+from overfill_serve.serve.served_by import ServedBy
 
 try:
     import httpx2 as httpx  # what the installed openai client is built on
 except ImportError:  # pragma: no cover - older openai releases use httpx
     import httpx  # type: ignore[no-redef]
 
-PAIR = "smol-overfill"
 SERVED = ServedBy.of(Mode.OVERFILL, "teacher-1.7b", "student-0.9b")
 
 
 @pytest.fixture(scope="module")
 def tok():
     return make_tokenizer()
-
-
-def completion_body(**kw: Any) -> dict[str, Any]:
-    return {"model": PAIR, "prompt": "Hello", **kw}
-
-
-def chat_body(**kw: Any) -> dict[str, Any]:
-    return {"model": PAIR, "messages": [{"role": "user", "content": "Hi"}], **kw}
 
 
 def steps_for(tok, text: str, *, top: int | None = None, reason=FinishReason.STOP) -> list[StepOutput]:
@@ -77,171 +62,6 @@ def steps_for(tok, text: str, *, top: int | None = None, reason=FinishReason.STO
     return out
 
 
-def expect_400(call, param: str | None) -> ApiError:
-    with pytest.raises(ApiError) as info:
-        call()
-    assert (info.value.status, info.value.type, info.value.param) == (400, "invalid_request_error", param)
-    assert info.value.to_json()["error"]["param"] == param
-    return info.value
-
-
-# ---------------------------------------------------------------------------------------------- validation
-
-
-BAD_COMPLETION: list[tuple[dict[str, Any], str | None]] = [
-    ({"temperature": -0.5}, "temperature"),
-    ({"temperature": "hot"}, "temperature"),
-    ({"temperature": True}, "temperature"),
-    ({"top_p": 0}, "top_p"),
-    ({"top_k": -2}, "top_k"),
-    ({"min_p": 1.5}, "min_p"),
-    ({"repetition_penalty": 0}, "repetition_penalty"),
-    ({"presence_penalty": 3}, "presence_penalty"),
-    ({"frequency_penalty": -2.5}, "frequency_penalty"),
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"max_tokens": -1}, "max_tokens"),
-    ({"max_tokens": 1.5}, "max_tokens"),
-    ({"n": 0}, "n"),
-    ({"n": 9}, "n"),
-    ({"logprobs": 50}, "logprobs"),
-    ({"logprobs": -1}, "logprobs"),
-    ({"best_of": 3}, "best_of"),
-    ({"echo": True, "logprobs": 1}, "echo"),
-    ({"suffix": "x"}, "suffix"),
-    ({"logit_bias": {"5": 10}}, "logit_bias"),
-    ({"stop": [""]}, "stop"),
-    ({"stop": 5}, "stop"),
-    ({"stop_token_ids": ["a"]}, "stop_token_ids[0]"),
-    ({"seed": "1"}, "seed"),
-    ({"stream_options": {"include_usage": True}}, "stream_options"),
-    ({"prompt": ["a", "b"]}, "prompt"),
-    ({"prompt": [[1, 2], [3]]}, "prompt"),
-    ({"prompt": []}, "prompt"),
-    ({"prompt": 5}, "prompt"),
-    ({"model": 5}, "model"),
-]
-BAD_CHAT: list[tuple[dict[str, Any], str | None]] = [
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, None),
-    ({"messages": [{"role": "user"}]}, "messages[0].content"),
-    ({"messages": "hi"}, "messages"),
-    ({"max_completion_tokens": 0}, "max_completion_tokens"),
-    ({"max_tokens": -1}, "max_tokens"),
-    ({"logprobs": "yes"}, "logprobs"),
-    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    ({"top_logprobs": 2}, "top_logprobs"),
-    ({"temperature": -1}, "temperature"),
-    ({"n": 0}, "n"),
-    ({"tools": [{"type": "function"}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-]
-
-
-@pytest.mark.parametrize("as_json", [True, False], ids=["bytes", "dict"])
-@pytest.mark.parametrize(
-    ("cls", "body", "param"),
-    [(CompletionRequest, completion_body(**kw), p) for kw, p in BAD_COMPLETION]
-    + [(ChatCompletionRequest, chat_body(**kw), p) for kw, p in BAD_CHAT],
-)
-def test_bad_parameter_is_a_400_naming_it(cls, body, param, as_json):
-    if param is None:  # an unsupported content part: the deepest path names its type
-        param = "messages[0].content[0].type"
-    raw = json.dumps(body).encode() if as_json else body
-    err = expect_400(lambda: choice_sampling_params(parse_request(cls, raw)), param)
-    assert param.split("[")[0].split(".")[0] in err.message
-
-
-def test_missing_fields_and_bad_bodies():
-    expect_400(lambda: parse_request(ChatCompletionRequest, b'{"model": "m"}'), "messages")
-    expect_400(lambda: parse_request(CompletionRequest, {"prompt": "x"}), "model")
-    bad_json = expect_400(lambda: parse_request(CompletionRequest, b'{"model": '), None)
-    assert "JSON" in bad_json.message
-    expect_400(lambda: parse_request(CompletionRequest, b"[1, 2]"), None)
-
-
-def test_valid_requests_and_defaults():
-    req = parse_request(CompletionRequest, completion_body(prompt=["only one"], user="u", unknown_field=1))
-    assert req.single_prompt == "only one"  # a batch of one is that prompt
-    assert parse_request(CompletionRequest, completion_body(prompt=[[5, 6]])).single_prompt == [5, 6]
-    p = to_sampling_params(req)
-    assert (p.max_tokens, p.temperature, p.top_p, p.seed, p.logprobs) == (16, 1.0, 1.0, None, None)
-    chat = parse_request(
-        ChatCompletionRequest,
-        chat_body(
-            messages=[
-                {"role": "developer", "content": "Be brief."},
-                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-            ],
-            temperature=0,
-            top_k=-1,
-            stop="\n",
-            stop_token_ids=[2],
-            ignore_eos=True,
-            max_tokens=7,
-            max_completion_tokens=9,  # the newer name wins
-            logprobs=True,
-            top_logprobs=3,
-        ),
-    )
-    assert chat.template_messages() == [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "a\nb"},
-    ]
-    p = to_sampling_params(chat)
-    assert (p.max_tokens, p.greedy, p.top_k, p.stop, p.stop_token_ids) == (9, True, -1, ("\n",), (2,))
-    assert (p.ignore_eos, p.logprobs) == (True, 3)
-    no_limit = parse_request(ChatCompletionRequest, chat_body(logprobs=True))
-    assert to_sampling_params(no_limit).logprobs == 0  # chosen token only
-    assert to_sampling_params(no_limit, default_max_tokens=100).max_tokens == 100
-    assert to_sampling_params(no_limit).max_tokens >= 2**30  # chat runs to the context limit
-
-
-def test_each_choice_gets_its_own_seed():
-    req = parse_request(CompletionRequest, completion_body(n=3, seed=7, temperature=0.8))
-    params = choice_sampling_params(req)
-    assert [p.seed for p in params] == [7, 8, 9]
-    assert all(p.temperature == 0.8 for p in params)
-    assert to_sampling_params(req, 2) == params[2]  # reproducible
-    unseeded = parse_request(ChatCompletionRequest, chat_body(n=2))
-    assert [p.seed for p in choice_sampling_params(unseeded)] == [None, None]
-
-
-def test_encode_prompt(tok):
-    chat = parse_request(ChatCompletionRequest, chat_body())
-    ids = encode_prompt(chat, tok)
-    assert tok.decode(ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    text = parse_request(CompletionRequest, completion_body(prompt="Hello world"))
-    assert encode_prompt(text, tok) == tok("Hello world")["input_ids"]
-    ids_req = parse_request(CompletionRequest, completion_body(prompt=[3, 4, 999]))
-    expect_400(lambda: encode_prompt(ids_req, tok, vocab_size=len(tok)), "prompt")
-    negative = parse_request(CompletionRequest, completion_body(prompt=[3, -1]))
-    expect_400(lambda: encode_prompt(negative, tok), "prompt")
-    expect_400(lambda: encode_prompt(text, tok, max_model_len=2), "prompt")
-    expect_400(lambda: encode_prompt(chat, tok, max_model_len=3), "messages")
-    expect_400(
-        lambda: encode_prompt(parse_request(CompletionRequest, completion_body(prompt="")), tok), "prompt"
-    )
-
-
-# -------------------------------------------------------------------------------------------- model names
-
-
-def test_model_names_select_the_mode():
-    assert parse_model(PAIR, PAIR) is Mode.OVERFILL
-    for mode in Mode:
-        assert parse_model(f"{PAIR}:{mode.value}", PAIR) is mode
-    for bad in ["gpt-4o", f"{PAIR}:", f"{PAIR}:teacher", "other:full", PAIR.upper()]:
-        with pytest.raises(ApiError) as info:
-            parse_model(bad, PAIR)
-        err = info.value.to_json()["error"]
-        assert info.value.status == 404
-        assert (err["param"], err["code"]) == ("model", "model_not_found")
-        assert err["message"] == f"The model '{bad}' does not exist"
-
-
 def test_model_list():
     listing = model_list(PAIR, 1700000000, full_model="teacher", pruned_model="student")
     assert listing["object"] == "list"
@@ -257,42 +77,6 @@ def test_model_list():
     ]
     assert all(d["overfill"]["description"] for d in listing["data"])
     assert model_list(PAIR, 0)["data"][3]["overfill"]["mode"] == "pruned"
-
-
-# ------------------------------------------------------------------------------------------------- errors
-
-
-def test_exceptions_map_to_openai_errors():
-    e = from_exception(InvalidRequestError("top_p must be in (0, 1]", field="top_p"))
-    assert (e.status, e.param) == (400, "top_p")
-    cfg = from_exception(ModelConfigError("/secret/models/config.json is unreadable"))
-    assert cfg.status == 500 and "secret" not in json.dumps(cfg.to_json())
-    for exc in (OutOfBlocksError("no room"), PeerUnavailableError("gone"), AuthenticationError("bad mac")):
-        err = from_exception(exc)
-        assert (err.status, err.type, err.headers) == (503, "service_unavailable", {"Retry-After": "1"})
-    assert from_exception(OutOfBlocksError("x")).code == "overloaded"
-    unknown = from_exception(RuntimeError("token=hunter2"))
-    assert unknown.status == 500 and "hunter2" not in json.dumps(unknown.to_json())
-    with pytest.raises(pydantic.ValidationError) as info:
-        ChatCompletionRequest.model_validate(chat_body(temperature="x"))
-    assert (from_exception(info.value).status, from_exception(info.value).param) == (400, "temperature")
-    assert from_exception(json.JSONDecodeError("x", "{", 0)).status == 400
-    api = ApiError.unauthorized()
-    assert from_exception(api) is api and api.status == 401 and api.type == "authentication_error"
-
-
-def test_ray_errors_are_unwrapped_or_mapped():
-    ray_exceptions = pytest.importorskip("ray.exceptions")
-    serve_exceptions = pytest.importorskip("ray.serve.exceptions")
-    wrapped = ray_exceptions.RayTaskError("generate", "traceback", InvalidRequestError("bad", field="min_p"))
-    assert (from_exception(wrapped).status, from_exception(wrapped).param) == (400, "min_p")
-    assert (
-        from_exception(
-            serve_exceptions.BackPressureError(num_queued_requests=9, max_queued_requests=8)
-        ).status
-        == 503
-    )
-    assert from_exception(ray_exceptions.ActorDiedError()).status == 503
 
 
 # ---------------------------------------------------------------------------------------------- responses
@@ -473,7 +257,7 @@ def _serve(tok, fail: Exception | None = None):
                 req = parse_request(ChatCompletionRequest, request.content)
             else:
                 req = parse_request(CompletionRequest, request.content)
-            mode = parse_model(req.model, PAIR)
+            mode = resolve_model(req.model, PAIR)
             served = ServedBy.of(mode, "teacher", "student")
             choice_sampling_params(req)
             r = make_responder(req, served, tok, prompt_tokens=len(encode_prompt(req, tok)))

@@ -18,17 +18,13 @@ from typing import Any
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from overfill_serve.engine.output_processor import StepOutput
-from overfill_serve.errors import OverfillError, PeerUnavailableError, PreemptedError
+from overfill_serve.errors import PeerUnavailableError, PreemptedError, ServiceUnavailableError
 from overfill_serve.request import Mode
 from overfill_serve.sampling_params import SamplingParams
 from overfill_serve.worker.prefill_worker import TransferTicket
 
 log = logging.getLogger(__name__)
 REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
-
-
-class ServiceUnavailableError(OverfillError):
-    """No replica could finish the request (all died, or the retry budget ran out)."""
 
 
 class Dispatcher:

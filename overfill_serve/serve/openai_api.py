@@ -4,32 +4,26 @@ Pure protocol code (no Ray, no HTTP framework). Per HTTP request the Router make
 `ChatResponder` (see `make_responder`) and feeds it `(choice_index, StepOutput)` pairs as they arrive: `add`
 returns the streaming chunks to send, `response()` the final non-streaming body. `sse_stream` wraps the whole
 streaming exchange, error event and `[DONE]` included; `merge_choices` interleaves the n choices' streams.
-Request parsing, model names and errors live in `openai_protocol`.
+Request parsing lives in `openai_protocol`, errors in `openai_errors`, model names in `model_names`.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
-import functools
 import json
-import re
 import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from overfill_serve.engine.output_processor import StepOutput
 from overfill_serve.request import FinishReason, Mode, TokenLogprob
-from overfill_serve.serve.openai_protocol import (
-    AnyRequest,
-    ApiError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    from_exception,
-    model_names,
-)
+from overfill_serve.serve.model_names import model_ids
+from overfill_serve.serve.openai_errors import ApiError, from_exception
+from overfill_serve.serve.openai_protocol import AnyRequest, ChatCompletionRequest, CompletionRequest
+from overfill_serve.serve.served_by import ServedBy
+from overfill_serve.serve.token_strings import TokenStrings
 
 SSE_DONE = "data: [DONE]\n\n"
 _MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
@@ -45,18 +39,11 @@ def sse_error(e: BaseException) -> str:
     return sse(from_exception(e).to_json())
 
 
-def served_by_json(served_by: Any) -> dict[str, str]:
-    """The `overfill` extension field; takes any object with mode / prefill_model / decode_model (the gRPC
-    layer's ServedBy too)."""
-    mode = getattr(served_by.mode, "value", served_by.mode)
-    return {"mode": mode, "prefill_model": served_by.prefill_model, "decode_model": served_by.decode_model}
-
-
 def _logprob(value: float) -> float:
     return value if value == value and value > _MIN_LOGPROB else _MIN_LOGPROB  # also maps NaN
 
 
-# ---------------------------------------------------------------------------------------------- model names
+# ----------------------------------------------------------------------------------------------- model list
 
 
 MODE_DESCRIPTIONS = {
@@ -64,22 +51,6 @@ MODE_DESCRIPTIONS = {
     Mode.FULL: "full model for both stages (quality baseline)",
     Mode.PRUNED: "pruned model for both stages (speed baseline)",
 }
-
-
-@dataclass(frozen=True)
-class ServedBy:
-    """Which models served a response: reported in every response's `overfill` extension field."""
-
-    mode: Mode
-    prefill_model: str
-    decode_model: str
-
-    @classmethod
-    def of(cls, mode: Mode, full_model: str, pruned_model: str) -> ServedBy:
-        """Which of the pair's models (full = teacher, pruned = student) runs each stage in `mode`."""
-        prefill = pruned_model if mode is Mode.PRUNED else full_model
-        decode = full_model if mode is Mode.FULL else pruned_model
-        return cls(mode, prefill, decode)
 
 
 def model_list(
@@ -92,83 +63,16 @@ def model_list(
 ) -> dict[str, Any]:
     """GET /v1/models: the four names; the `overfill` extension says which model runs each stage."""
     data = []
-    for name, mode in model_names(pair_name):
+    for name, mode in model_ids(pair_name):
         ext = {"description": MODE_DESCRIPTIONS[mode]}
         if full_model is not None and pruned_model is not None:
-            ext |= served_by_json(ServedBy.of(mode, full_model, pruned_model))
+            ext |= ServedBy.of(mode, full_model, pruned_model).to_json()
         else:
             ext["mode"] = mode.value
         data.append(
             {"id": name, "object": "model", "created": created, "owned_by": owned_by, "overfill": ext}
         )
     return {"object": "list", "data": data}
-
-
-# ------------------------------------------------------------------------------------------ token strings
-
-
-@functools.lru_cache(maxsize=1)
-def _byte_level_decoder() -> dict[str, int]:
-    # GPT-2's byte <-> printable-unicode table, used by every byte-level BPE (Llama 3, Qwen, SmolLM).
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = list(keep), 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(keep, chars)}
-
-
-_SP_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-class TokenStrings:
-    """Text and raw bytes of single tokens for logprobs, for any Hugging Face tokenizer.
-
-    Decoding one token of a multi-byte character gives U+FFFD; when the vocabulary entry maps back to raw
-    bytes (byte-level BPE, or sentencepiece's <0xNN>) those bytes are reported, and the token is shown as
-    `bytes:\\xNN` as OpenAI does.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self._cache: dict[int, tuple[str, list[int]]] = {}
-
-    def __call__(self, token_id: int) -> tuple[str, list[int]]:
-        hit = self._cache.get(token_id)
-        if hit is None:
-            hit = self._cache[token_id] = self._compute(token_id)
-        return hit
-
-    def text(self, token_id: int) -> str:
-        return self(token_id)[0]
-
-    def _compute(self, token_id: int) -> tuple[str, list[int]]:
-        tok = self.tokenizer
-        text = tok.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        piece = tok.convert_ids_to_tokens(token_id)
-        if isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
-            text = " " + text  # sentencepiece drops the word-start space when decoding a lone token
-        raw = _raw_bytes(piece) if isinstance(piece, str) else None
-        # Trust the vocabulary bytes only where they agree with the decoded text (so not for e.g. a
-        # sentencepiece "é", whose characters also happen to lie in the byte-level table).
-        if raw is None or raw.decode("utf-8", "replace") != text:
-            return text, list(text.encode("utf-8"))
-        try:
-            return raw.decode("utf-8"), list(raw)
-        except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
-
-
-def _raw_bytes(piece: str) -> bytes | None:
-    m = _SP_BYTE.fullmatch(piece)
-    if m:
-        return bytes([int(m.group(1), 16)])
-    table = _byte_level_decoder()
-    if piece and all(c in table for c in piece):
-        return bytes(table[c] for c in piece)
-    return None
 
 
 # --------------------------------------------------------------------------------------------------- choices
@@ -254,7 +158,7 @@ class _Responder(abc.ABC):
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         out = {"id": self.id, "object": obj, "created": self.created, "model": self.request.model}
-        out |= {"choices": choices, "overfill": served_by_json(self.served_by)}
+        out |= {"choices": choices, "overfill": self.served_by.to_json()}
         return out
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:

@@ -17,26 +17,26 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from overfill_serve.engine.output_processor import StepOutput
-from overfill_serve.errors import TransferError
+from overfill_serve.errors import OverloadedError, TransferError
 from overfill_serve.model.pair import student_layout
 from overfill_serve.model.spec import ModelSpec
 from overfill_serve.request import Mode
 from overfill_serve.sampling_params import SamplingParams
-from overfill_serve.serve import grpc_api
+from overfill_serve.serve import grpc_api, grpc_responses
 from overfill_serve.serve.config import ServeConfig
 from overfill_serve.serve.dispatcher import Dispatcher
 from overfill_serve.serve.metrics import RequestMetrics
-from overfill_serve.serve.openai_api import ServedBy, make_responder, merge_choices, model_list
+from overfill_serve.serve.model_names import resolve_model
+from overfill_serve.serve.openai_api import make_responder, merge_choices, model_list
+from overfill_serve.serve.openai_errors import ApiError, from_exception
 from overfill_serve.serve.openai_protocol import (
-    ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     choice_sampling_params,
     encode_prompt,
-    from_exception,
-    parse_model,
     parse_request,
 )
+from overfill_serve.serve.served_by import ServedBy
 from overfill_serve.tokenizer import encode_chat, load_tokenizer
 from overfill_serve.transfer.channel import KVChannel
 from overfill_serve.worker.prefill_worker import TransferTicket
@@ -90,8 +90,8 @@ class Router:
     async def models(self, request: Request) -> Any:
         try:
             self._check_http_key(request)
-        except ApiError as e:
-            return _error_response(e)
+        except Exception as e:
+            return _error_response(from_exception(e))
         return model_list(
             self.config.pair_name, self.created, full_model=self.full_model, pruned_model=self.pruned_model
         )
@@ -104,7 +104,7 @@ class Router:
         try:
             self._check_http_key(http)
             req = parse_request(cls, await http.body())
-            mode = parse_model(req.model, self.config.pair_name)
+            mode = resolve_model(req.model, self.config.pair_name)
             prompt = encode_prompt(
                 req, self.tokenizer, vocab_size=self.vocab_size, max_model_len=self.max_model_len
             )
@@ -134,14 +134,12 @@ class Router:
             self._inflight -= 1
 
     def _check_http_key(self, http: Request) -> None:
+        """Raise `UnauthenticatedError` (HTTP 401) unless the request has `Authorization: Bearer <key>`."""
         if self.config.api_key is None:
             return
-        try:
-            grpc_api.check_api_key(
-                [("authorization", http.headers.get("authorization", ""))], self.config.api_key
-            )
-        except grpc_api.UnauthenticatedError:
-            raise ApiError.unauthorized() from None
+        grpc_api.check_api_key(
+            [("authorization", http.headers.get("authorization", ""))], self.config.api_key
+        )
 
     async def _release_after(self, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
         try:
@@ -186,7 +184,7 @@ class Router:
         except Exception as e:
             self._grpc_error(grpc_context, e, None)
             return grpc_api.pb.ListModelsResponse()
-        return grpc_api.models_to_proto(self.config.pair_name, self.full_model, self.pruned_model)
+        return grpc_responses.models_to_proto(self.config.pair_name, self.full_model, self.pruned_model)
 
     def _grpc_request(self, request: Any, grpc_context: Any) -> tuple[Any, list[int], SamplingParams, Mode]:
         grpc_api.check_api_key(_metadata(grpc_context), self.config.api_key)
@@ -200,8 +198,8 @@ class Router:
         else:
             prompt = list(value)  # type: ignore[arg-type]
         params = grpc_api.params_from_proto(request.sampling if request.HasField("sampling") else None)
-        served_by = grpc_api.ServedBy.of(mode, self.full_model, self.pruned_model)
-        acc = grpc_api.GenerationAccumulator(grpc_api.request_id_of(request), len(prompt), served_by)
+        served_by = ServedBy.of(mode, self.full_model, self.pruned_model)
+        acc = grpc_responses.GenerationAccumulator(grpc_api.request_id_of(request), len(prompt), served_by)
         return acc, prompt, params, mode
 
     def _grpc_error(self, grpc_context: Any, e: Exception, acc: Any) -> None:
@@ -212,7 +210,7 @@ class Router:
     # -- the generation path shared by both APIs ---------------------------------------------------------------
     def _admit(self) -> None:
         if self._inflight >= self.config.max_inflight_requests:
-            raise grpc_api.OverloadedError(
+            raise OverloadedError(
                 f"{self._inflight} requests in flight (limit {self.config.max_inflight_requests})", 1.0
             )
         self._inflight += 1

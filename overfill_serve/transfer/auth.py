@@ -1,7 +1,9 @@
 """Mutual authentication of KV-channel peers by a shared cluster secret (HMAC-SHA256 over fresh nonces).
 
 The secret never crosses the wire. The client proves it over the server's nonce, the server proves it over the
-client's nonce and the session it issues, so neither side can be impersonated by a replayed transcript.
+client's nonce and the session it issues, so neither side can be impersonated by a replayed transcript. Each
+MAC also covers what its side announces (its KV layout and its NIXL envelope), so neither can be swapped in
+transit.
 """
 
 from __future__ import annotations
@@ -37,12 +39,21 @@ def new_session() -> str:
     return secrets.token_hex(16)
 
 
-def client_mac(secret: bytes, server_nonce: bytes, client_nonce: bytes, layout: bytes) -> bytes:
-    return _mac(secret, b"client", server_nonce, client_nonce, layout)
+def client_mac(
+    secret: bytes, server_nonce: bytes, client_nonce: bytes, layout: bytes, nixl_agent_metadata: bytes
+) -> bytes:
+    return _mac(secret, b"client", server_nonce, client_nonce, layout, nixl_agent_metadata)
 
 
-def server_mac(secret: bytes, client_nonce: bytes, server_nonce: bytes, session: str, layout: bytes) -> bytes:
-    return _mac(secret, b"server", client_nonce, server_nonce, session.encode(), layout)
+def server_mac(
+    secret: bytes,
+    client_nonce: bytes,
+    server_nonce: bytes,
+    session: str,
+    layout: bytes,
+    nixl_agent_metadata: bytes,
+) -> bytes:
+    return _mac(secret, b"server", client_nonce, server_nonce, session.encode(), layout, nixl_agent_metadata)
 
 
 def verify(expected: bytes, given: bytes) -> bool:

@@ -70,6 +70,7 @@ class KVChannel:
         """Challenge-response handshake: both sides prove the secret, both check the layouts."""
         t = self.config.timeout_seconds
         layout_bytes = msgpack.packb(self.layout.to_dict())
+        hello = self.transport.hello()
         try:
             server_nonce = self.stub.Challenge(pb.ChallengeRequest(), timeout=t).server_nonce
             client_nonce = auth.new_nonce()
@@ -79,15 +80,22 @@ class KVChannel:
                     server_nonce=server_nonce,
                     client_nonce=client_nonce,
                     layout=layout_bytes,
-                    mac=auth.client_mac(self.secret, server_nonce, client_nonce, layout_bytes),
+                    mac=auth.client_mac(self.secret, server_nonce, client_nonce, layout_bytes, hello),
                     backend=self.transport.name,
-                    nixl_agent_metadata=self.transport.hello(),
+                    nixl_agent_metadata=hello,
                 ),
                 timeout=t,
             )
         except grpc.RpcError as e:
             raise error_from_rpc(e, f"handshake with {self.address}") from None
-        expected = auth.server_mac(self.secret, client_nonce, server_nonce, response.session, response.layout)
+        expected = auth.server_mac(
+            self.secret,
+            client_nonce,
+            server_nonce,
+            response.session,
+            response.layout,
+            response.nixl_agent_metadata,
+        )
         if not auth.verify(expected, response.mac):
             raise AuthenticationError(f"{self.address} failed to prove the cluster secret")
         remote = KVLayout.from_dict(msgpack.unpackb(response.layout))

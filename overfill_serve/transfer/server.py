@@ -78,7 +78,13 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         with self._lock:
             fresh = request.server_nonce in self._nonces
             self._nonces.discard(request.server_nonce)  # each challenge answers once: no replays
-        expected = auth.client_mac(self.secret, request.server_nonce, request.client_nonce, request.layout)
+        expected = auth.client_mac(
+            self.secret,
+            request.server_nonce,
+            request.client_nonce,
+            request.layout,
+            request.nixl_agent_metadata,
+        )
         if not fresh or not auth.verify(expected, request.mac):
             log.warning("refused KV-channel peer %r: bad secret or stale challenge", request.client_id)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "peer failed the cluster-secret challenge")
@@ -92,12 +98,16 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(LayoutMismatchError(problems)))
         response = pb.HandshakeResponse(layout=msgpack.packb(self.layout.to_dict()))
         if request.backend == "nixl":
-            from overfill_serve.transfer.nixl import NixlSource
+            from overfill_serve.transfer.nixl_source import NixlSource
 
-            with self._lock:
-                if self.nixl_source is None:
-                    self.nixl_source = NixlSource(self.cache, self.registry)
-            self.nixl_source.add_peer(request.nixl_agent_metadata)
+            try:
+                with self._lock:
+                    if self.nixl_source is None:
+                        self.nixl_source = NixlSource(self.cache, self.registry)
+                self.nixl_source.add_peer(request.nixl_agent_metadata)
+            except TransferError as e:  # no NIXL here, or an unreadable hello: typed, not UNKNOWN
+                log.warning("NIXL handshake with %r failed: %s", request.client_id, e)
+                context.abort(status_of(e), str(e))
             response.nixl_agent_metadata = self.nixl_source.metadata
             response.nixl_agent_name = self.nixl_source.name
         session = auth.new_session()
@@ -105,7 +115,12 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
             self._sessions[session] = Session(request.client_id, theirs, request.backend)
         response.session = session
         response.mac = auth.server_mac(
-            self.secret, request.client_nonce, request.server_nonce, session, response.layout
+            self.secret,
+            request.client_nonce,
+            request.server_nonce,
+            session,
+            response.layout,
+            response.nixl_agent_metadata,
         )
         return response
 
@@ -218,8 +233,13 @@ class KVTransferServer:
         return self
 
     def stop(self, grace: float = 1.0) -> None:
+        """Stop serving, then deregister the NIXL pool (after the sweeper's last poll of it)."""
         self._stop.set()
         self.server.stop(grace).wait()
+        if self._sweeper.is_alive():
+            self._sweeper.join(timeout=5.0)
+        if self.servicer.nixl_source is not None:
+            self.servicer.nixl_source.close()
 
     def _sweep(self) -> None:
         period = min(0.2, self.config.lease_seconds / 4)

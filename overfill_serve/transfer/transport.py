@@ -63,7 +63,7 @@ def completion_from_pb(msg: pb.Completion, expected_tokens: int) -> Completion:
 
 def make_transport(backend: str) -> KVTransport:
     if backend == "nixl":
-        from overfill_serve.transfer.nixl import NixlTransport
+        from overfill_serve.transfer.nixl_transport import NixlTransport
 
         return NixlTransport()
     from overfill_serve.transfer.grpc_stream import GrpcStreamTransport
