@@ -107,8 +107,17 @@ def student_layout(
         explicit = isinstance(strategy, (tuple, list))
         num_teacher_layers = max(int(i) for i in strategy) + 1 if explicit else student.num_layers  # type: ignore[union-attr]
     kept = resolve_kept_layers(strategy, num_teacher_layers, student.num_layers)
-    return KVLayout(num_teacher_layers, kept, student.num_kv_heads, student.head_dim, student.rope,
-                    student.vocab_size, student.eos_token_ids, dtype, block_size)
+    return KVLayout(
+        num_teacher_layers,
+        kept,
+        student.num_kv_heads,
+        student.head_dim,
+        student.rope,
+        student.vocab_size,
+        student.eos_token_ids,
+        dtype,
+        block_size,
+    )
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,9 @@ class DecodeWorker(ModelWorker):
         **kwargs: Any,
     ) -> None:
         super().__init__(model_dir, name="decode", **kwargs)
-        self.layout = student_layout(self.model.spec, kept_layers, num_teacher_layers, self.dtype,
-                                     self.cache.block_size)
+        self.layout = student_layout(
+            self.model.spec, kept_layers, num_teacher_layers, self.dtype, self.cache.block_size
+        )
         self.transfer = transfer
         self._channels: dict[str, KVChannel] = {}
         self._lock = threading.Lock()
@@ -78,10 +79,16 @@ class DecodeWorker(ModelWorker):
         self.loop.call(lambda: self._admit_remote(request, completion, stream))
         return self._iterate(request.request_id, stream)
 
-    async def agenerate_from(self, ticket: TransferTicket, prompt_token_ids: list[int], params: SamplingParams,
-                             generated_token_ids: list[int] | None = None) -> AsyncIterator[StepOutput]:
+    async def agenerate_from(
+        self,
+        ticket: TransferTicket,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        generated_token_ids: list[int] | None = None,
+    ) -> AsyncIterator[StepOutput]:
         pull = asyncio.get_running_loop().run_in_executor(
-            None, self._pull, ticket, prompt_token_ids, params, generated_token_ids)
+            None, self._pull, ticket, prompt_token_ids, params, generated_token_ids
+        )
         try:
             request, completion = await asyncio.shield(pull)
         except asyncio.CancelledError:
