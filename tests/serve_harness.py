@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+from kv_helpers import wait_until  # noqa: F401 (re-exported for the serve tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "cluster" / "config.yaml"
@@ -59,11 +59,3 @@ def replica_stats(app: str, deployment: str, calls: int = 8) -> list[dict[str, A
         stats = handle.stats.remote().result()
         seen[stats["replica_id"]] = stats
     return list(seen.values())
-
-
-def wait_until(condition: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(0.1)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kv_helpers import decode_kwargs, pool_full, wait_until
 from peer_process import SECRET, PeerError, PeerProcess
 
 from overfill_serve import LLM, SamplingParams
@@ -41,23 +42,6 @@ def secret(monkeypatch):
     monkeypatch.setenv("OVERFILL_CLUSTER_SECRET", SECRET)
 
 
-def _wait_for(condition, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
-
-
-def _full(stats):
-    return stats["free_blocks"] == stats["total_blocks"]
-
-
-def _decode_kwargs(pair, dtype="float32"):
-    return dict(
-        dtype=dtype, block_size=4, num_kv_blocks=96, num_teacher_layers=4 if pair.kept_layers else None
-    )
-
-
 def test_generated_code_is_up_to_date():
     subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--check"], check=True)
 
@@ -73,7 +57,7 @@ def test_two_processes_match_single_process(pairs, kind, dtype):
         "prefill", pair.teacher, dict(dtype=dtype, block_size=4, num_kv_blocks=96), dict(chunk_bytes=2048)
     )
     decode = DecodeWorker(
-        pair.student, transfer=TransferConfig(chunk_bytes=2048), **_decode_kwargs(pair, dtype)
+        pair.student, transfer=TransferConfig(chunk_bytes=2048), **decode_kwargs(pair, dtype)
     )
     decode.start()
     try:
@@ -89,8 +73,8 @@ def test_two_processes_match_single_process(pairs, kind, dtype):
             assert decode.last_transfer.nbytes == 2 * len(
                 decode.layout.kept_layers
             ) * decode.cache.block_bytes * (-(-len(prompt) // 4))
-        _wait_for(lambda: _full(prefill.call("stats")))
-        assert _full(decode.stats())
+        wait_until(lambda: pool_full(prefill.call("stats")))
+        assert pool_full(decode.stats())
     finally:
         decode.stop()
         prefill.close()
@@ -102,7 +86,7 @@ def workers(pairs):
     pair = pairs["depth"]
     config = TransferConfig(chunk_bytes=1024, timeout_seconds=5.0)
     prefill = PrefillWorker(pair.teacher, transfer=config, block_size=4, num_kv_blocks=64).start()
-    decode = DecodeWorker(pair.student, transfer=config, **_decode_kwargs(pair)).start()
+    decode = DecodeWorker(pair.student, transfer=config, **decode_kwargs(pair)).start()
     yield prefill, decode
     decode.stop()
     prefill.stop()
@@ -123,7 +107,7 @@ def test_kv_byte_exact_with_scattered_blocks(workers, seed):
     held_p, held_d = _fragment(prefill.pool, rng), _fragment(decode.pool, rng)
     prompt = [rng.randrange(3, 400) for _ in range(rng.randint(5, 40))]
     ticket = prefill.submit(prompt, GREEDY)
-    _wait_for(lambda: prefill.registry.get(ticket.transfer_id).completion is not None)
+    wait_until(lambda: prefill.registry.get(ticket.transfer_id).completion is not None)
     src = list(prefill.registry.get(ticket.transfer_id).block_ids)
     expected = [prefill.cache.read_blocks(layer, src).clone() for layer in decode.layout.kept_layers]
     dest = decode.pool.allocate(len(src))
@@ -134,8 +118,8 @@ def test_kv_byte_exact_with_scattered_blocks(workers, seed):
     assert stats.nbytes == sum(t.numel() * t.element_size() for t in expected)
     decode.pool.free(dest + held_d)
     prefill.pool.free(held_p)
-    _wait_for(lambda: _full(prefill.stats()))
-    assert _full(decode.stats())
+    wait_until(lambda: pool_full(prefill.stats()))
+    assert pool_full(decode.stats())
 
 
 def test_wrong_secret_is_refused(workers, pairs):
@@ -143,7 +127,7 @@ def test_wrong_secret_is_refused(workers, pairs):
     intruder = DecodeWorker(
         pairs["depth"].student,
         transfer=TransferConfig(secret="not-the-cluster-secret!"),
-        **_decode_kwargs(pairs["depth"]),
+        **decode_kwargs(pairs["depth"]),
     )
     with pytest.raises(AuthenticationError, match="cluster-secret"):
         intruder.channel(prefill.address)
@@ -151,8 +135,8 @@ def test_wrong_secret_is_refused(workers, pairs):
     with pytest.raises(AuthenticationError):
         intruder.generate_from(ticket, PROMPTS[0], GREEDY).__next__()
     prefill.abort_transfer(ticket.transfer_id)
-    assert _full(intruder.stats())
-    _wait_for(lambda: _full(prefill.stats()))
+    assert pool_full(intruder.stats())
+    wait_until(lambda: pool_full(prefill.stats()))
 
 
 def test_layout_mismatch_lists_fields(workers, pairs):
@@ -160,12 +144,12 @@ def test_layout_mismatch_lists_fields(workers, pairs):
     other = DecodeWorker(
         pairs["depth"].student,
         transfer=TransferConfig(),
-        **{**_decode_kwargs(pairs["depth"]), "dtype": "bfloat16", "block_size": 8},
+        **{**decode_kwargs(pairs["depth"]), "dtype": "bfloat16", "block_size": 8},
     )
     with pytest.raises(LayoutMismatchError) as e:
         other.channel(prefill.address)
     assert {m.split(":")[0] for m in e.value.mismatches} == {"dtype", "block_size"}
-    assert _full(prefill.stats())
+    assert pool_full(prefill.stats())
 
 
 def _tamper(prefill, fn):
@@ -201,21 +185,21 @@ def test_bad_chunks_rejected_and_cleaned_up(workers, tamper, message):
     with pytest.raises(ChunkError, match=message):
         list(decode.generate_from(ticket, PROMPTS[0], GREEDY))
     assert torch.equal(decode.cache.tensor, before)  # nothing was written by the bad chunk
-    assert _full(decode.stats())
-    _wait_for(lambda: _full(prefill.stats()))
+    assert pool_full(decode.stats())
+    wait_until(lambda: pool_full(prefill.stats()))
 
 
 def test_unpulled_transfer_expires(pairs):
     config = TransferConfig(lease_seconds=0.3)
     prefill = PrefillWorker(pairs["depth"].teacher, transfer=config, block_size=4, num_kv_blocks=64).start()
-    decode = DecodeWorker(pairs["depth"].student, transfer=config, **_decode_kwargs(pairs["depth"])).start()
+    decode = DecodeWorker(pairs["depth"].student, transfer=config, **decode_kwargs(pairs["depth"])).start()
     try:
         ticket = prefill.submit(PROMPTS[2], GREEDY)
-        _wait_for(lambda: prefill.stats()["open_transfers"] == 1 and not _full(prefill.stats()))
-        _wait_for(lambda: _full(prefill.stats()), timeout=3)
+        wait_until(lambda: prefill.stats()["open_transfers"] == 1 and not pool_full(prefill.stats()))
+        wait_until(lambda: pool_full(prefill.stats()), timeout=3)
         with pytest.raises(TransferNotFoundError, match="lease expired"):
             list(decode.generate_from(ticket, PROMPTS[2], GREEDY))
-        assert _full(decode.stats())
+        assert pool_full(decode.stats())
     finally:
         decode.stop()
         prefill.stop()
@@ -224,16 +208,16 @@ def test_unpulled_transfer_expires(pairs):
 def test_renewed_lease_survives(pairs):
     config = TransferConfig(lease_seconds=0.5)
     prefill = PrefillWorker(pairs["depth"].teacher, transfer=config, block_size=4, num_kv_blocks=64).start()
-    decode = DecodeWorker(pairs["depth"].student, transfer=config, **_decode_kwargs(pairs["depth"])).start()
+    decode = DecodeWorker(pairs["depth"].student, transfer=config, **decode_kwargs(pairs["depth"])).start()
     try:
         ticket = prefill.submit(PROMPTS[0], GREEDY)
         channel = decode.channel(prefill.address)
-        _wait_for(lambda: prefill.registry.get(ticket.transfer_id).completion is not None)
+        wait_until(lambda: prefill.registry.get(ticket.transfer_id).completion is not None)
         for _ in range(4):
             time.sleep(0.25)
             assert channel.renew(ticket.transfer_id) > 0.3
         assert len([t for o in decode.generate_from(ticket, PROMPTS[0], GREEDY) for t in o.token_ids]) == 10
-        _wait_for(lambda: _full(prefill.stats()))
+        wait_until(lambda: pool_full(prefill.stats()))
     finally:
         decode.stop()
         prefill.stop()
@@ -243,10 +227,10 @@ def test_abort_from_decode_side(workers):
     prefill, decode = workers
     ticket = prefill.submit(PROMPTS[1], GREEDY)
     decode.channel(prefill.address).abort(ticket.transfer_id, "client went away")
-    _wait_for(lambda: _full(prefill.stats()))
+    wait_until(lambda: pool_full(prefill.stats()))
     with pytest.raises(TransferAbortedError, match="client went away"):
         list(decode.generate_from(ticket, PROMPTS[1], GREEDY))
-    assert _full(decode.stats())
+    assert pool_full(decode.stats())
 
 
 def test_abort_from_prefill_side_mid_pull(workers):
@@ -261,14 +245,14 @@ def test_abort_from_prefill_side_mid_pull(workers):
     threading.Timer(0.2, prefill.abort_transfer, (ticket.transfer_id, "operator abort")).start()
     with pytest.raises(TransferAbortedError, match="operator abort"):
         list(decode.generate_from(ticket, PROMPTS[2], GREEDY))
-    assert _full(decode.stats())
-    _wait_for(lambda: _full(prefill.stats()))
+    assert pool_full(decode.stats())
+    wait_until(lambda: pool_full(prefill.stats()))
 
 
 def test_stalled_peer_times_out(pairs):
     config = TransferConfig(timeout_seconds=1.0, chunk_bytes=1024)
     prefill = PrefillWorker(pairs["depth"].teacher, transfer=config, block_size=4, num_kv_blocks=64).start()
-    decode = DecodeWorker(pairs["depth"].student, transfer=config, **_decode_kwargs(pairs["depth"])).start()
+    decode = DecodeWorker(pairs["depth"].student, transfer=config, **decode_kwargs(pairs["depth"])).start()
 
     def stall(header, payload):
         time.sleep(3)
@@ -281,8 +265,8 @@ def test_stalled_peer_times_out(pairs):
         with pytest.raises(TransferTimeoutError):
             list(decode.generate_from(ticket, PROMPTS[0], GREEDY))
         assert time.monotonic() - start < 2.5
-        assert _full(decode.stats())
-        _wait_for(lambda: _full(prefill.stats()), timeout=6)
+        assert pool_full(decode.stats())
+        wait_until(lambda: pool_full(prefill.stats()), timeout=6)
     finally:
         decode.stop()
         prefill.stop()
@@ -293,7 +277,7 @@ def test_prefill_peer_killed_mid_transfer(pairs):
     prefill = PeerProcess(
         "prefill", pair.teacher, dict(block_size=4, num_kv_blocks=96), dict(chunk_bytes=512), chunk_delay=0.1
     )
-    decode = DecodeWorker(pair.student, transfer=TransferConfig(chunk_bytes=512), **_decode_kwargs(pair))
+    decode = DecodeWorker(pair.student, transfer=TransferConfig(chunk_bytes=512), **decode_kwargs(pair))
     decode.start()
     try:
         ticket = prefill.call("submit", PROMPTS[2], {"max_tokens": 10, "temperature": 0})
@@ -302,7 +286,7 @@ def test_prefill_peer_killed_mid_transfer(pairs):
         with pytest.raises(PeerUnavailableError):
             list(decode.generate_from(TransferTicket(**ticket), PROMPTS[2], GREEDY))
         assert time.monotonic() - start < 5
-        assert _full(decode.stats())
+        assert pool_full(decode.stats())
     finally:
         decode.stop()
         prefill.close()
@@ -318,14 +302,14 @@ def test_decode_peer_killed_mid_transfer(pairs):
         return header, payload
 
     _tamper(prefill, slow)
-    decode = PeerProcess("decode", pair.student, _decode_kwargs(pair), dict(chunk_bytes=512))
+    decode = PeerProcess("decode", pair.student, decode_kwargs(pair), dict(chunk_bytes=512))
     try:
         ticket = prefill.submit(PROMPTS[2], GREEDY)
         decode.send("generate", ticket.__dict__, PROMPTS[2], {"max_tokens": 10, "temperature": 0})
-        _wait_for(lambda: prefill.stats()["open_transfers"] == 1)
+        wait_until(lambda: prefill.stats()["open_transfers"] == 1)
         time.sleep(0.5)  # mid-stream
         decode.kill()
-        _wait_for(lambda: _full(prefill.stats()) and prefill.stats()["open_transfers"] == 0, timeout=5)
+        wait_until(lambda: pool_full(prefill.stats()) and prefill.stats()["open_transfers"] == 0, timeout=5)
     finally:
         decode.close()
         prefill.stop()

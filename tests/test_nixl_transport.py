@@ -25,6 +25,7 @@ except Exception as e:  # ImportError, or no usable NIXL backend module
         allow_module_level=True,
     )
 
+from kv_helpers import decode_kwargs, pool_full, wait_until
 from peer_process import SECRET, PeerProcess
 
 from overfill_serve import LLM, SamplingParams
@@ -52,23 +53,6 @@ def env(monkeypatch):
     monkeypatch.setenv("UCX_NET_DEVICES", "lo")  # read by UCX when an agent is created
 
 
-def _wait_for(condition, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
-
-
-def _full(stats):
-    return stats["free_blocks"] == stats["total_blocks"]
-
-
-def _decode_kwargs(pair, dtype="float32"):
-    return dict(
-        dtype=dtype, block_size=4, num_kv_blocks=96, num_teacher_layers=4 if pair.kept_layers else None
-    )
-
-
 def _tokens(decode, ticket, prompt):
     return [t for out in decode.generate_from(ticket, prompt, GREEDY) for t in out.token_ids]
 
@@ -80,7 +64,7 @@ def test_matches_single_process(pairs, kind, dtype):
     llm = LLM(pair.teacher, pair.student, dtype=dtype, num_kv_blocks=96, block_size=4)
     expected = [llm.generate(p, GREEDY)[0].token_ids for p in PROMPTS]  # one at a time, as the workers run
     prefill = PrefillWorker(pair.teacher, transfer=NIXL, dtype=dtype, block_size=4, num_kv_blocks=96).start()
-    decode = DecodeWorker(pair.student, transfer=NIXL, **_decode_kwargs(pair, dtype)).start()
+    decode = DecodeWorker(pair.student, transfer=NIXL, **decode_kwargs(pair, dtype)).start()
     try:
         for prompt, want in zip(PROMPTS, expected):
             assert _tokens(decode, prefill.submit(prompt, GREEDY), prompt) == want
@@ -89,8 +73,8 @@ def test_matches_single_process(pairs, kind, dtype):
             # Only the kept layers travel: a depth-pruned student reads half the teacher's KV.
             blocks = -(-len(prompt) // 4)
             assert stats.nbytes == 2 * len(decode.layout.kept_layers) * decode.cache.block_bytes * blocks
-        _wait_for(lambda: _full(prefill.stats()) and prefill.stats()["open_transfers"] == 0)
-        assert _full(decode.stats())
+        wait_until(lambda: pool_full(prefill.stats()) and prefill.stats()["open_transfers"] == 0)
+        assert pool_full(decode.stats())
     finally:
         decode.stop()
         prefill.stop()
@@ -101,7 +85,7 @@ def workers(pairs):
     """In-process prefill and decode workers (depth pair: teacher layers 0 and 3 travel) over NIXL."""
     pair = pairs["depth"]
     prefill = PrefillWorker(pair.teacher, transfer=NIXL, block_size=4, num_kv_blocks=64).start()
-    decode = DecodeWorker(pair.student, transfer=NIXL, **_decode_kwargs(pair)).start()
+    decode = DecodeWorker(pair.student, transfer=NIXL, **decode_kwargs(pair)).start()
     yield prefill, decode
     decode.stop()
     prefill.stop()
@@ -117,7 +101,7 @@ def _fragment(pool, rng):
 
 def _ready(prefill, prompt):
     ticket = prefill.submit(prompt, GREEDY)
-    _wait_for(lambda: prefill.registry.get(ticket.transfer_id).completion is not None)
+    wait_until(lambda: prefill.registry.get(ticket.transfer_id).completion is not None)
     return ticket, list(prefill.registry.get(ticket.transfer_id).block_ids)
 
 
@@ -141,8 +125,8 @@ def test_kv_byte_exact_with_scattered_blocks(workers, seed):
     assert stats.nbytes == sum(t.numel() * t.element_size() for t in expected)
     decode.pool.free(dest + held_d)
     prefill.pool.free(held_p)
-    _wait_for(lambda: _full(prefill.stats()))
-    assert _full(decode.stats())
+    wait_until(lambda: pool_full(prefill.stats()))
+    assert pool_full(decode.stats())
 
 
 def test_notification_alone_frees_the_prefill_blocks(workers):
@@ -154,7 +138,7 @@ def test_notification_alone_frees_the_prefill_blocks(workers):
     dest = decode.pool.allocate(len(src))
     received = channel.transport.receive(channel, ticket.transfer_id, dest, len(PROMPTS[0]))
     assert received.nbytes > 0 and received.first_byte_at > 0
-    _wait_for(lambda: prefill.stats()["open_transfers"] == 0 and _full(prefill.stats()), timeout=2)
+    wait_until(lambda: prefill.stats()["open_transfers"] == 0 and pool_full(prefill.stats()), timeout=2)
     channel.release(ticket.transfer_id)  # what KVChannel.pull does next: a no-op now
     decode.pool.free(dest)
 
@@ -227,11 +211,11 @@ def test_forged_descriptors_refused_before_reading(workers, monkeypatch, forgery
         list(decode.generate_from(prefill.submit(PROMPTS[2], GREEDY), PROMPTS[2], GREEDY))
     if message != "described twice":  # (there the first, genuine, layer was read)
         assert torch.equal(decode.cache.tensor, before)  # refused before any read was posted
-    assert _full(decode.stats())
-    _wait_for(lambda: _full(prefill.stats()) and prefill.stats()["open_transfers"] == 0)
+    assert pool_full(decode.stats())
+    wait_until(lambda: pool_full(prefill.stats()) and prefill.stats()["open_transfers"] == 0)
     monkeypatch.undo()  # the channel still works
     assert len(_tokens(decode, prefill.submit(PROMPTS[1], GREEDY), PROMPTS[1])) == 10
-    _wait_for(lambda: _full(prefill.stats()))
+    wait_until(lambda: pool_full(prefill.stats()))
 
 
 def test_idle_workers_do_not_spin(workers):
@@ -273,7 +257,7 @@ def test_concurrent_pulls_share_one_agent(workers):
             assert torch.equal(decode.cache.read_blocks(j, dest), layer_kv)
     for dest in dests:
         decode.pool.free(dest)
-    _wait_for(lambda: _full(prefill.stats()) and prefill.stats()["open_transfers"] == 0)
+    wait_until(lambda: pool_full(prefill.stats()) and prefill.stats()["open_transfers"] == 0)
 
 
 class _BadHello(KVTransport):
@@ -348,12 +332,12 @@ def test_prefill_killed_before_the_read(pairs, monkeypatch):
     between describing a layer and our read of it: NIXL reports the disconnect, typed, nothing leaks."""
     pair = pairs["depth"]
     prefill = PeerProcess("prefill", pair.teacher, dict(block_size=4, num_kv_blocks=96), dict(backend="nixl"))
-    decode = DecodeWorker(pair.student, transfer=NIXL, **_decode_kwargs(pair)).start()
+    decode = DecodeWorker(pair.student, transfer=NIXL, **decode_kwargs(pair)).start()
     try:
         params = {"max_tokens": 10, "temperature": 0, "ignore_eos": True}
         ticket = TransferTicket(**prefill.call("submit", PROMPTS[0], params))
         assert len(_tokens(decode, ticket, PROMPTS[0])) == 10
-        _wait_for(lambda: _full(prefill.call("stats")))
+        wait_until(lambda: pool_full(prefill.call("stats")))
         post = nixl_module._Reads.post
 
         def die_first(self, *args):
@@ -366,7 +350,7 @@ def test_prefill_killed_before_the_read(pairs, monkeypatch):
         with pytest.raises(PeerUnavailableError, match="NIXL"):
             list(decode.generate_from(ticket, PROMPTS[2], GREEDY))
         assert time.monotonic() - start < 5
-        assert _full(decode.stats())
+        assert pool_full(decode.stats())
     finally:
         decode.stop()
         prefill.close()

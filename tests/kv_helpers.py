@@ -1,0 +1,26 @@
+"""Small helpers shared by the KV-channel, NIXL and worker tests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        time.sleep(0.02)
+
+
+def pool_full(stats: dict[str, int]) -> bool:
+    return stats["free_blocks"] == stats["total_blocks"]
+
+
+def decode_kwargs(pair: Any, dtype: str = "float32") -> dict[str, Any]:
+    """A decode worker for a test pair (a depth-pruned student needs the teacher's depth: 4 layers)."""
+    return dict(
+        dtype=dtype, block_size=4, num_kv_blocks=96, num_teacher_layers=4 if pair.kept_layers else None
+    )
