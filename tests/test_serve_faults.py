@@ -14,6 +14,7 @@ from serve_harness import GRPC_PORT, HTTP_PORT, load_app_config, replica_stats, 
 pytest.importorskip("ray")
 
 APP = "tiny"
+API_KEY = "test-api-key"
 PROMPT = list(range(20, 60))
 
 
@@ -31,6 +32,7 @@ def served(pairs):
         "prefill_kv_blocks": 256,
         "decode_kv_blocks": 256,
         "max_inflight_requests": 3,
+        "api_key": API_KEY,
     }
     start_ray({})
     run_app(
@@ -46,9 +48,12 @@ def served(pairs):
     ray.shutdown()
 
 
-def _post(body: dict) -> http.client.HTTPResponse:
+def _post(body: dict, key: str | None = API_KEY) -> http.client.HTTPResponse:
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
     conn = http.client.HTTPConnection("127.0.0.1", HTTP_PORT, timeout=120)
-    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    conn.request("POST", "/v1/completions", json.dumps(body), headers)
     return conn.getresponse()
 
 
@@ -132,7 +137,7 @@ def test_overload_grpc_resource_exhausted(served):
     done: list[int] = []
 
     def run() -> None:
-        with GRPCClient(f"127.0.0.1:{GRPC_PORT}", application=APP) as client:
+        with GRPCClient(f"127.0.0.1:{GRPC_PORT}", application=APP, api_key=API_KEY) as client:
             try:
                 done.append(
                     len(
@@ -152,3 +157,21 @@ def test_overload_grpc_resource_exhausted(served):
     assert errors and done and len(errors) + len(done) == 8
     assert all(e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in e.details for e in errors)
     assert all(n == 200 for n in done)
+
+
+def test_api_key_required(served):
+    import grpc
+
+    from overfill_serve.client import GRPCClient, GRPCError
+
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 4}
+    for key in (None, "wrong-key"):
+        response = _post(body, key)
+        assert (
+            response.status == 401 and json.loads(response.read())["error"]["type"] == "authentication_error"
+        )
+    assert _post(body).status == 200
+    with GRPCClient(f"127.0.0.1:{GRPC_PORT}", application=APP) as client:
+        with pytest.raises(GRPCError) as e:
+            client.generate(PROMPT, model="tiny", max_tokens=4)
+        assert e.value.code == grpc.StatusCode.UNAUTHENTICATED

@@ -1,0 +1,34 @@
+"""Replica choice as pure functions: prefill by queued prompt tokens, decode by free KV and running requests."""
+
+from __future__ import annotations
+
+from overfill_serve.serve.replica_router import load_score, rank_replicas
+
+
+def _decode(free: int, total: int = 100, running: int = 0, waiting: int = 0) -> dict:
+    return {"free_blocks": free, "total_blocks": total, "running": running, "waiting": waiting}
+
+
+def test_decode_prefers_free_kv_then_fewer_sequences():
+    stats = [_decode(10), _decode(80, running=5), _decode(80, running=1), _decode(50)]
+    assert rank_replicas("decode", stats) == [2, 1, 3, 0]
+
+
+def test_decode_compares_fractions_across_pool_sizes():
+    # 300 of 1000 free is a fuller replica than 50 of 100 free.
+    assert rank_replicas("decode", [_decode(300, total=1000), _decode(50, total=100)]) == [1, 0]
+
+
+def test_prefill_prefers_fewest_queued_prompt_tokens():
+    stats = [
+        {"queued_prompt_tokens": 5000, "waiting": 1},
+        {"queued_prompt_tokens": 0, "waiting": 0},
+        {"queued_prompt_tokens": 5000, "waiting": 0},
+    ]
+    assert rank_replicas("prefill", stats) == [1, 2, 0]
+
+
+def test_replicas_without_stats_rank_last_and_ties_keep_order():
+    assert rank_replicas("decode", [None, _decode(10), {}]) == [1, 0, 2]
+    assert rank_replicas("prefill", [{"queued_prompt_tokens": 7}] * 3) == [0, 1, 2]
+    assert load_score("decode", None) > load_score("decode", _decode(0))
