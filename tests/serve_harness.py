@@ -20,13 +20,14 @@ def load_app_config(path: Path = CONFIG) -> tuple[dict[str, Any], dict[str, Any]
     return config, config["applications"][0]
 
 
-def start_ray(env: dict[str, str]) -> None:
+def start_ray(env: dict[str, str], metrics_port: int | None = None) -> None:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Logical CPUs: a 2-core machine still fits every replica's fractional num_cpus.
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env}, **extra)
 
 
 def run_app(

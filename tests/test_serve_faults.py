@@ -15,6 +15,7 @@ pytest.importorskip("ray")
 
 APP = "tiny"
 API_KEY = "test-api-key"
+METRICS_PORT = 18080
 PROMPT = list(range(20, 60))
 
 
@@ -34,7 +35,7 @@ def served(pairs):
         "max_inflight_requests": 3,
         "api_key": API_KEY,
     }
-    start_ray({})
+    start_ray({}, metrics_port=METRICS_PORT)
     run_app(
         args,
         APP,
@@ -175,3 +176,29 @@ def test_api_key_required(served):
         with pytest.raises(GRPCError) as e:
             client.generate(PROMPT, model="tiny", max_tokens=4)
         assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_prometheus_metrics_exported(served):
+    """Ray's metrics agent exports the deployments' metrics (prefixed `ray_`), tagged by mode and role."""
+    import urllib.request
+
+    assert _post({"model": "tiny", "prompt": PROMPT, "max_tokens": 4}).status == 200
+    wanted = {
+        "ray_overfill_ttft_seconds_bucket",
+        "ray_overfill_e2e_seconds_bucket",
+        "ray_overfill_generation_tokens_total",
+        "ray_overfill_kv_blocks_free",
+        "ray_overfill_kv_transfer_bytes_total",
+    }
+    lines: list[str] = []
+
+    def scraped() -> bool:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).read().decode()
+        lines[:] = [line for line in text.splitlines() if line.startswith("ray_overfill_")]
+        return wanted <= {line.split("{")[0] for line in lines}
+
+    wait_until(scraped, timeout=60, what="the overfill metrics")
+    assert any(
+        line.startswith("ray_overfill_ttft_seconds_bucket") and 'mode="overfill"' in line for line in lines
+    )
+    assert any(line.startswith("ray_overfill_kv_blocks_free") and 'role="decode"' in line for line in lines)
