@@ -40,7 +40,7 @@ def served(pairs):
         args,
         APP,
         config["grpc_options"]["grpc_servicer_functions"],
-        options={"DecodeServer": {"num_replicas": 2}},
+        options={"DecodeServer": {"num_replicas": 2}, "PrefillServer": {"num_replicas": 2}},
     )
     yield pair
     serve.shutdown()
@@ -104,6 +104,23 @@ def test_killed_decode_replica_migrates_the_stream(served):
     assert "".join(c["choices"][0]["text"] for c in chunks if c.get("choices")) == want.text
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     wait_until(_pools_full, timeout=30, what="KV pools full after the migration")
+
+
+def test_killed_prefill_replica_requests_go_to_the_other(served):
+    """With one of two prefill replicas gone, every request still completes (Serve and the dispatcher route
+    around the dead replica), and nothing stays allocated."""
+    import ray
+
+    victim = replica_stats(APP, "PrefillServer")[0]["replica_id"]
+    ray.kill(
+        ray.get_actor(f"SERVE_REPLICA::{APP}#PrefillServer#{victim}", namespace="serve"), no_restart=True
+    )
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    for _ in range(6):
+        response = _post(body)
+        assert response.status == 200, response.read()
+        assert json.loads(response.read())["usage"]["completion_tokens"] == 8
+    wait_until(_pools_full, timeout=30, what="KV pools full")
 
 
 def test_overload_answers_503_with_retry_hint_and_loses_nothing(served):
