@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     from overfill_serve.client_cli import add_client_command  # grpc, no torch
 
     add_client_command(sub)
-    from overfill_serve.plan import add_plan_command  # stdlib + ModelSpec only, no torch
+    from overfill_serve.plan_cli import add_plan_command  # stdlib + ModelSpec only, no torch
 
     add_plan_command(sub)
     return parser

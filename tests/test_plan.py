@@ -21,10 +21,10 @@ from overfill_serve.plan import (
     PlanRow,
     Targets,
     Workload,
-    add_plan_command,
     plan,
     preset_pair,
 )
+from overfill_serve.plan_cli import add_plan_command
 
 PAIR_3B = "llama-3.2-3b-overfill-1b"
 # Pinned here, not read from the shipped table, so a price update there cannot move the hand computation.
