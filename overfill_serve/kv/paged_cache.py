@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import torch
 
 
@@ -67,6 +70,27 @@ class PagedKVCache:
         """Inverse of `read_blocks`: data [2, n, block_size, kv_heads, head_dim] into the given blocks."""
         index = torch.tensor(block_ids, dtype=torch.long, device=self.tensor.device)
         self.tensor[layer].index_copy_(1, index, data.to(self.tensor.device))
+
+    def write_block_bytes(self, layer: int, block_ids: list[int], payload: bytes) -> None:
+        """`write_blocks` from raw bytes (K blocks, then V blocks), as the gRPC channel receives them."""
+        n = len(block_ids)
+        if self.tensor.device.type == "cpu":
+            # A plain copy per block: no temporary tensor, and no thread pool spinning up for a memcpy.
+            src = np.frombuffer(payload, dtype=np.uint8).reshape(2, n, self.block_bytes)
+            pool = self._bytes_view()
+            for j, block in enumerate(block_ids):
+                pool[layer, :, block] = src[:, j]
+            return
+        with warnings.catch_warnings():  # read-only bytes: only copied from, never written
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(payload, dtype=torch.uint8)
+        shape = (2, n, self.block_size, self.num_kv_heads, self.head_dim)
+        self.write_blocks(layer, block_ids, raw.view(self.tensor.dtype).view(shape))
+
+    def _bytes_view(self) -> np.ndarray:
+        """The CPU pool as bytes: [layers, 2, num_blocks, block_bytes], sharing memory with `tensor`."""
+        flat = self.tensor.view(-1).view(torch.uint8).numpy()
+        return flat.reshape(self.num_layers, 2, self.num_blocks, self.block_bytes)
 
     def block_address(self, layer: int, kind: int, block: int) -> int:
         """Memory address of one block of one layer's K (kind 0) or V (kind 1): what an RDMA reader needs."""

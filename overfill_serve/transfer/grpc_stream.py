@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import time
-import warnings
 from typing import TYPE_CHECKING
 
 import grpc
-import torch
 
 from overfill_serve._proto.overfill.v1 import kv_transfer_pb2 as pb
 from overfill_serve.errors import ChunkError
@@ -29,7 +27,6 @@ class GrpcStreamTransport(KVTransport):
         assert cache is not None
         local = {teacher_layer: j for j, teacher_layer in enumerate(layout.kept_layers)}
         received: dict[int, set[int]] = {layer: set() for layer in local}
-        shape = (cache.block_size, cache.num_kv_heads, cache.head_dim)
         nbytes, first_byte_at = 0, 0.0
         stream = channel.stub.Pull(
             pb.PullRequest(transfer_id=transfer_id, max_chunk_bytes=config.chunk_bytes),
@@ -45,9 +42,10 @@ class GrpcStreamTransport(KVTransport):
                     completion = completion_from_pb(msg.done, num_tokens)
                     return Received(completion, nbytes, first_byte_at)
                 header = ChunkHeader.decode(msg.header)
+                payload = msg.payload  # each access to a bytes field makes a copy: take it once
                 check_chunk(
                     header,
-                    msg.payload,
+                    payload,
                     transfer_id=transfer_id,
                     layers=frozenset(local),
                     num_blocks=len(dest_blocks),
@@ -57,13 +55,9 @@ class GrpcStreamTransport(KVTransport):
                 if received[header.layer].intersection(run):
                     raise ChunkError(f"layer {header.layer} blocks {run.start}..{run.stop - 1} sent twice")
                 received[header.layer].update(run)
-                with warnings.catch_warnings():  # read-only bytes: only copied from, never written
-                    warnings.simplefilter("ignore", UserWarning)
-                    raw = torch.frombuffer(msg.payload, dtype=torch.uint8)
-                data = raw.view(cache.tensor.dtype).view(2, header.block_count, *shape)
-                cache.write_blocks(local[header.layer], dest_blocks[run.start : run.stop], data)
+                cache.write_block_bytes(local[header.layer], dest_blocks[run.start : run.stop], payload)
                 first_byte_at = first_byte_at or time.perf_counter()
-                nbytes += len(msg.payload)
+                nbytes += len(payload)
             raise ChunkError(f"transfer {transfer_id}: the stream ended without a completion")
         except grpc.RpcError as e:
             raise error_from_rpc(e, f"pulling transfer {transfer_id}") from None
