@@ -32,350 +32,24 @@ it: on a shared machine the prefill's own jitter swamps TTFT, while that remaind
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import multiprocessing as mp
-import operator
 import os
 import platform
-import shlex
-import socket
-import statistics
-import struct
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the two-process harness the KV-channel tests use
-
-from peer_process import SECRET  # noqa: E402  (the cluster secret the test peers use)
-
-MiB = 1 << 20
-GREEDY_1: dict[str, Any] = {"max_tokens": 1, "temperature": 0, "ignore_eos": True}
-
-# The synthetic KV-heavy teacher: KV bytes per token = layers * 2 (K, V) * kv_heads * head_dim * 4 (fp32).
-KV_MODEL: dict[str, Any] = dict(
-    num_layers=32, hidden_size=16, intermediate_size=32, num_heads=16, num_kv_heads=16, head_dim=512
-)
-KV_BLOCK_SIZE = 16
-TIMEOUT = 300.0  # TransferConfig.timeout_seconds: the box is shared, and a stalled run should fail, not hang
-
-
-def kv_bytes_per_token() -> int:
-    m = KV_MODEL
-    return m["num_layers"] * 2 * m["num_kv_heads"] * m["head_dim"] * 4
+from bench_common import MiB, command_line, corpus_token_ids, cpu_name, load_average, median, print_head
+from channel_throughput import KV_BLOCK_SIZE, KV_MODEL, Row, channel_throughput, kv_bytes_per_token
+from copy_baselines import memcpy, raw_tcp
+from prefill_peer import GREEDY_1, SECRET, TIMEOUT, PrefillPeer
 
 
 # ----------------------------------------------------------------------------------------------------------
-# helpers
+# KV throughput
 # ----------------------------------------------------------------------------------------------------------
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def gbps(nbytes: int, seconds: float) -> float:
-    return nbytes / seconds / 1e9 if seconds > 0 else float("nan")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-@dataclass
-class Row:
-    payload: int  # bytes per transfer
-    path: str
-    detail: str
-    seconds: list[float]  # one per run
-    note: str = ""  # "n/a (...)" when the row could not run
-
-    @property
-    def gbps(self) -> float:
-        return gbps(self.payload, median(self.seconds)) if self.seconds else float("nan")
-
-    @property
-    def best_gbps(self) -> float:
-        return gbps(self.payload, min(self.seconds)) if self.seconds else float("nan")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# raw TCP baseline
-# ----------------------------------------------------------------------------------------------------------
-def _tcp_sender(port: int, max_bytes: int) -> None:
-    """Child: connect, then for every 8-byte request n send n bytes from a preallocated buffer (0 ends)."""
-    buf = memoryview(bytearray(os.urandom(1 << 20)) * (max_bytes >> 20))
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        while True:
-            head = b""
-            while len(head) < 8:
-                part = s.recv(8 - len(head))
-                if not part:
-                    return
-                head += part
-            (n,) = struct.unpack("!Q", head)
-            if n == 0:
-                return
-            s.sendall(buf[:n])
-
-
-def raw_tcp(sizes: list[int], runs: int) -> dict[int, list[float]]:
-    ctx = mp.get_context("spawn")
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        sender = ctx.Process(target=_tcp_sender, args=(listener.getsockname()[1], max(sizes)), daemon=True)
-        sender.start()
-        listener.settimeout(120)
-        conn, _ = listener.accept()
-    dst = bytearray(max(sizes))
-    view = memoryview(dst)
-    out: dict[int, list[float]] = {n: [] for n in sizes}
-    with conn:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for run in range(runs + 1):  # run 0 warms up
-            for n in sizes:
-                start = time.perf_counter()
-                conn.sendall(struct.pack("!Q", n))
-                got = 0
-                while got < n:
-                    k = conn.recv_into(view[got:n])
-                    if k == 0:
-                        raise ConnectionError("raw TCP sender went away")
-                    got += k
-                if run:
-                    out[n].append(time.perf_counter() - start)
-        conn.sendall(struct.pack("!Q", 0))
-    sender.join(30)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# memcpy baseline
-# ----------------------------------------------------------------------------------------------------------
-def memcpy(sizes: list[int], runs: int, threads: int) -> dict[int, list[float]]:
-    out: dict[int, list[float]] = {}
-    default = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for n in sizes:
-            src = torch.ones(n, dtype=torch.uint8)
-            dst = torch.zeros(n, dtype=torch.uint8)
-            times = []
-            for run in range(runs + 1):
-                start = time.perf_counter()
-                dst.copy_(src)
-                if run:
-                    times.append(time.perf_counter() - start)
-            out[n] = times
-            del src, dst
-    finally:
-        torch.set_num_threads(default)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the prefill worker in a process of its own
-# ----------------------------------------------------------------------------------------------------------
-def _prefill_serve(conn, model_dir: str, worker_kwargs: dict, transfer_kwargs: dict) -> None:
-    """Child: a PrefillWorker driven over a pipe, as in tests/peer_process.py, that also records when each
-    transfer's prefill completed (time.perf_counter(): CLOCK_MONOTONIC, comparable across processes)."""
-    import threading
-
-    os.environ["OVERFILL_CLUSTER_SECRET"] = SECRET
-    from overfill_serve.sampling_params import SamplingParams
-    from overfill_serve.transfer.config import TransferConfig
-    from overfill_serve.worker.prefill_worker import PrefillWorker
-
-    worker = PrefillWorker(model_dir, transfer=TransferConfig(**transfer_kwargs), **worker_kwargs).start()
-    done: dict[str, float] = {}
-    cond = threading.Condition()
-    complete = worker.registry.complete
-
-    def timed_complete(transfer_id, request, completion):  # the engine thread, when a prefill is done
-        at = time.perf_counter()
-        complete(transfer_id, request, completion)
-        with cond:
-            done[transfer_id] = at
-            cond.notify_all()
-
-    worker.registry.complete = timed_complete  # type: ignore[method-assign]
-    conn.send(("ready", worker.address))
-    while True:
-        command, args = conn.recv()
-        try:
-            if command == "stop":
-                worker.stop()
-                conn.send(("ok", None))
-                return
-            if command == "submit":
-                prompt, params = args
-                ticket = worker.submit(prompt, SamplingParams(**params))
-                conn.send(("ok", dict(ticket.__dict__)))
-            elif command == "done_at":  # block until the transfer's prefill has completed
-                transfer_id, timeout = args
-                with cond:
-                    ok = cond.wait_for(partial(operator.contains, done, transfer_id), timeout)
-                conn.send(
-                    ("ok", done.pop(transfer_id)) if ok else ("error", f"prefill of {transfer_id} not done")
-                )
-        except Exception as e:  # noqa: BLE001 - reported to the parent
-            conn.send(("error", f"{type(e).__name__}: {e}"))
-
-
-class PrefillPeer:
-    def __init__(self, model_dir: Path, worker_kwargs: dict, transfer_kwargs: dict) -> None:
-        ctx = mp.get_context("spawn")  # a clean child, like a real peer
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(
-            target=_prefill_serve, args=(child, str(model_dir), worker_kwargs, transfer_kwargs), daemon=True
-        )
-        self.process.start()
-        self.address = self.call("ready?", timeout=300, send=False)
-
-    def call(self, command: str, *args, timeout: float = 300, send: bool = True):
-        if send:
-            self.conn.send((command, args))
-        if not self.conn.poll(timeout):
-            raise TimeoutError(f"prefill process did not answer {command!r} within {timeout}s")
-        status, value = self.conn.recv()
-        if status == "error":
-            raise RuntimeError(f"prefill process: {value}")
-        return value
-
-    def close(self) -> None:
-        if self.process.is_alive():
-            with contextlib.suppress(EOFError, OSError, TimeoutError, RuntimeError):
-                self.call("stop", timeout=20)
-            self.process.kill()
-        self.process.join(10)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# KV channel throughput
-# ----------------------------------------------------------------------------------------------------------
-def grpc_name(chunk_bytes: int) -> str:
-    return f"grpc/{chunk_bytes / MiB:g}MiB"
-
-
-def channel_throughput(
-    model_dir: Path, sizes: list[int], chunk_sizes: list[int], runs: int, log
-) -> tuple[list[Row], str | None]:
-    """gRPC rows per (size, chunk) and NIXL rows per size; the second value says why NIXL did not run."""
-    from overfill_serve.transfer.channel import KVChannel
-    from overfill_serve.transfer.config import TransferConfig
-    from overfill_serve.worker.decode_worker import DecodeWorker
-
-    per_token = kv_bytes_per_token()
-    tokens = {n: n // per_token for n in sizes}
-    num_blocks = -(-max(tokens.values()) // KV_BLOCK_SIZE) + 1
-    server_chunk = max(chunk_sizes)  # a pull asks for min(its own, the server's) chunk size
-    prefill = PrefillPeer(
-        model_dir,
-        dict(num_kv_blocks=num_blocks, block_size=KV_BLOCK_SIZE),
-        dict(chunk_bytes=server_chunk, timeout_seconds=TIMEOUT),
-    )
-    decode = DecodeWorker(
-        model_dir, transfer=TransferConfig(), num_kv_blocks=num_blocks, block_size=KV_BLOCK_SIZE
-    )
-    channels: dict[str, KVChannel] = {}
-    for c in chunk_sizes:
-        channels[grpc_name(c)] = KVChannel(
-            prefill.address,
-            decode.layout,
-            decode.cache,
-            TransferConfig(chunk_bytes=c, timeout_seconds=TIMEOUT),
-        ).connect()
-    nixl_reason: str | None = None
-    try:
-        import overfill_serve.transfer.nixl  # noqa: F401
-
-        channels["nixl"] = KVChannel(
-            prefill.address,
-            decode.layout,
-            decode.cache,
-            TransferConfig(backend="nixl", timeout_seconds=TIMEOUT),
-        ).connect()
-    except ImportError as e:
-        nixl_reason = f"overfill_serve.transfer.nixl does not import: {e}"
-    except Exception as e:  # noqa: BLE001 - reported in the table
-        nixl_reason = f"NIXL channel failed to connect: {type(e).__name__}: {e}"
-
-    def chunk_detail(c: int, n: int) -> str:
-        """A chunk carries whole blocks of one layer: the effective payload per message."""
-        block_kv = 2 * decode.cache.block_bytes  # K + V of one block of one layer
-        blocks_per_layer = -(-tokens[n] // KV_BLOCK_SIZE)
-        effective = min(max(1, c // block_kv), blocks_per_layer) * block_kv
-        return f"chunk_bytes {c / MiB:g} MiB (sends {effective / MiB:g} MiB)"
-
-    times: dict[tuple[int, str], list[float]] = {(n, name): [] for n in sizes for name in channels}
-    failures: dict[str, str] = {}
-    prompt_base = 3
-    try:
-        for run in range(runs + 1):  # run 0 warms every channel up
-            for n in sizes:
-                for name, channel in channels.items():
-                    if name in failures:
-                        continue
-                    prompt = [prompt_base + (i + run) % 200 for i in range(tokens[n])]
-                    ticket = prefill.call("submit", prompt, GREEDY_1)
-                    prefill.call("done_at", ticket["transfer_id"], 120.0)  # time the transfer only
-                    blocks = decode.pool.allocate(-(-tokens[n] // KV_BLOCK_SIZE))
-                    assert blocks is not None
-                    try:
-                        _, stats = channel.pull(ticket["transfer_id"], blocks, tokens[n])
-                    except Exception as e:  # noqa: BLE001 - a backend that fails is reported, not fatal
-                        failures[name] = f"{type(e).__name__}: {e}"
-                        log(f"  {name}: pull failed: {failures[name]}")
-                        continue
-                    finally:
-                        decode.pool.free(blocks)
-                    assert stats.nbytes == n, (stats.nbytes, n)
-                    if run:
-                        times[(n, name)].append(stats.seconds)
-                    log(
-                        f"  run {run} {n // MiB:4d} MiB {name:12s} {stats.seconds * 1e3:8.1f} ms "
-                        f"{gbps(n, stats.seconds):6.2f} GB/s (queue {stats.queue_seconds * 1e3:.1f} ms)"
-                    )
-    finally:
-        for channel in channels.values():
-            channel.close()
-        prefill.close()
-
-    rows = []
-    for n in sizes:
-        for c in chunk_sizes:
-            name = grpc_name(c)
-            note = f"n/a ({failures[name]})" if name in failures else ""
-            rows.append(Row(n, "gRPC", chunk_detail(c, n), times[(n, name)], note))
-        if "nixl" in channels:
-            note = f"n/a ({failures['nixl']})" if "nixl" in failures else ""
-            rows.append(Row(n, "NIXL", "RDMA READ (UCX)", times[(n, "nixl")], note))
-        else:
-            rows.append(Row(n, "NIXL", "", [], f"n/a ({nixl_reason})"))
-    return rows, nixl_reason
-
-
 def part1(args, log) -> None:
     sizes = [64 * MiB, 512 * MiB]
     chunk_sizes = [4 * MiB] if args.quick else [1 * MiB, 4 * MiB, 16 * MiB]
@@ -415,8 +89,7 @@ def part1(args, log) -> None:
         f"{'payload':>8}  {'path':<15} {'detail':<36} {'GB/s':>6} {'best':>6}  {'median ms':>9}  runs (ms)"
     )
     print()
-    print(header)
-    print("-" * len(header))
+    print_head(header)
     for r in table:
         if r.note:
             print(f"{r.payload // MiB:>5} MiB  {r.path:<15} {r.detail:<36} {r.note}")
@@ -452,9 +125,6 @@ def part1(args, log) -> None:
     print()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# TTFT with and without layer-wise overlap
-# ----------------------------------------------------------------------------------------------------------
 def part2(args, log) -> None:
     from overfill_serve.default_model import default_model_dir
     from overfill_serve.errors import ModelConfigError
@@ -477,7 +147,7 @@ def part2(args, log) -> None:
         model_dir, transfer=TransferConfig(timeout_seconds=TIMEOUT), num_kv_blocks=num_blocks
     )
     decode.start()
-    corpus = corpus_ids(decode.tokenizer)
+    corpus = corpus_token_ids(decode.tokenizer, verbose=False)
     prefills = {
         mode: PrefillPeer(
             model_dir,
@@ -529,8 +199,7 @@ def part2(args, log) -> None:
         f"{'layerwise':<10} {'TTFT ms':>8} {'prefill ms':>10} {'TTFT-prefill ms':>15} {'1st KV byte ms':>14} "
         f"{'KV MiB':>7}  TTFT runs (ms)"
     )
-    print(header)
-    print("-" * len(header))
+    print_head(header)
     med_ttft: dict[bool, float] = {}
     med_tail: dict[bool, float] = {}
     for mode in (False, True):
@@ -554,13 +223,6 @@ def part2(args, log) -> None:
         "the KV channel and the first-token hand-off add after it; 1st KV byte: from the pull's start)"
     )
     print()
-
-
-def corpus_ids(tokenizer) -> list[int]:
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -593,7 +255,7 @@ def main() -> None:
         f"python {platform.python_version()}, torch {torch.__version__} (threads {torch.get_num_threads()}), "
         f"grpcio {grpc.__version__}; load average at start {load_average()}"
     )
-    print(f"command: PYTHONPATH=. python {shlex.join(['benchmarks/kv_transfer.py', *sys.argv[1:]])}")
+    print(f"command: {command_line('benchmarks/kv_transfer.py', prefix='PYTHONPATH=. python')}")
     print()
     start = time.perf_counter()
     if not args.skip_throughput:

@@ -18,11 +18,9 @@ their text is garbage: only their speed is measured.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
 import random
-import shlex
 import statistics
 import sys
 import tempfile
@@ -31,46 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from bench_common import Req, command_line, corpus_token_ids, make_workload, pct, print_head, utc_date
 
 from overfill_serve import LLM, SamplingParams
 from overfill_serve.default_model import default_model_dir
 from overfill_serve.model.prune import prune_model
-
-
-# ----------------------------------------------------------------------------------------------------------
-# workload
-# ----------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Req:
-    prompt: list[int]
-    max_tokens: int
-
-
-def corpus_token_ids(tokenizer) -> list[int]:
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def make_workload(
-    corpus: list[int], n: int, prompt_range: tuple[int, int], output_range: tuple[int, int], seed: int
-) -> list[Req]:
-    rng = random.Random(seed)
-    reqs = []
-    for _ in range(n):
-        p_len = rng.randint(*prompt_range)
-        o_len = rng.randint(*output_range)
-        start = rng.randrange(0, len(corpus) - p_len)
-        reqs.append(Req(corpus[start : start + p_len], o_len))
-    return reqs
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 @dataclass
@@ -187,8 +150,7 @@ def print_table(results: list[Result]) -> None:
         f"{'system':<28} {'wall s':>8} {'out tok/s':>10} {'total tok/s':>12} {'e2e mean':>9} "
         f"{'e2e p50':>8} {'e2e p90':>8} {'TTFT mean':>10} {'TTFT p50':>9}"
     )
-    print(head)
-    print("-" * len(head))
+    print_head(head)
     for r in results:
         print(
             f"{r.name:<28} {r.wall:8.2f} {r.out_tps:10.1f} {r.total_tps:12.1f} {statistics.mean(r.e2e):9.2f} "
@@ -241,8 +203,7 @@ def part2(teacher: Path, reqs: list[Req], variants: list[tuple[str, dict]]) -> N
             rows.append((name, rep, full, full_wall, over, over_wall))
             del llm
     head = f"{'student':<34} {'params':>8} {'full dec tok/s':>15} {'overfill dec tok/s':>19} {'ratio':>6}"
-    print(head)
-    print("-" * len(head))
+    print_head(head)
     for name, rep, full, _, over, _ in rows:
         label = (
             f"{name} (h{rep.student_hidden_size}/i{rep.student_intermediate_size}/L{rep.student_num_layers})"
@@ -282,8 +243,8 @@ def main() -> None:
     transformers.logging.set_verbosity_error()  # the corpus is tokenized at once: a too-long-sequence warning
     transformers.utils.logging.disable_progress_bar()
     print("# overfill-serve offline throughput benchmark")
-    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
-    print(f"command: {shlex.join(['python', *sys.argv])}")
+    print(f"date: {utc_date()}")
+    print(f"command: {command_line(sys.argv[0])}")
     print(
         f"machine: {platform.machine()} {platform.system()}, nproc {os.cpu_count()}, "
         f"python {platform.python_version()}, torch {torch.__version__} (threads {torch.get_num_threads()}), "

@@ -1,0 +1,140 @@
+"""The overfill-serve Ray Serve application started in this process for the load benchmark, as
+tests/serve_harness.py does (a local Ray with logical CPUs, cluster/config.yaml's application args and
+deployment options, HTTP on a free loopback port), the model pair it serves, and probes of its replicas."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from bench_common import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "cluster" / "config.yaml"
+APP_NAME = "overfill-load"
+MODE_SUFFIX = {"overfill": "", "full": ":full", "pruned": ":pruned"}
+
+
+def start_app(prefill_dir: Path, decode_dir: Path) -> tuple[str, str, dict[str, Any]]:
+    """Start Ray and the app on a free loopback port; returns (url, pair name, app args)."""
+    import yaml
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import logging
+
+    import ray
+    from ray import serve
+
+    from overfill_serve.serve.app import build_app_with
+    from overfill_serve.serve.config import ServeConfig
+
+    config = yaml.safe_load(CONFIG.read_text())
+    app = config["applications"][0]
+    args = {**app["args"], "prefill_model": str(prefill_dir), "decode_model": str(decode_dir)}
+    options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments", [])}
+    ray.init(
+        address="local",  # never attach to another Ray on this machine
+        num_cpus=8,  # logical: every replica's fractional num_cpus fits on 2 cores
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": {"OVERFILL_CACHE_DIR": str(prefill_dir.parent)}},
+    )
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app_with(ServeConfig.from_args(args), options), name=APP_NAME, route_prefix="/")
+    return f"http://127.0.0.1:{port}", args["pair_name"], args
+
+
+def replica_threads() -> int:
+    import ray
+
+    @ray.remote(num_cpus=0.5)
+    def probe() -> int:
+        import torch
+
+        return torch.get_num_threads()
+
+    return ray.get(probe.remote())
+
+
+def handle_rtt(n: int = 20) -> float:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("DecodeServer", app_name=APP_NAME)
+    handle.stats.remote().result()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        handle.stats.remote().result()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def kv_check(wait_s: float = 15.0) -> bool:
+    """Print every replica's pool stats once they settle; True when every pool is whole again."""
+    from ray import serve
+
+    def snapshot() -> list[tuple[str, dict[str, Any]]]:
+        seen: dict[Any, tuple[str, dict[str, Any]]] = {}
+        for name in ("PrefillServer", "DecodeServer"):
+            handle = serve.get_deployment_handle(name, app_name=APP_NAME)
+            for _ in range(4):
+                s = handle.stats.remote().result()
+                seen[s["replica_id"]] = (name, s)
+        return list(seen.values())
+
+    def whole(stats: list[tuple[str, dict[str, Any]]]) -> bool:
+        return all(
+            s["free_blocks"] == s["total_blocks"]
+            and s.get("open_transfers", 0) == 0
+            and s["waiting"] == 0
+            and s["running"] == 0
+            for _, s in stats
+        )
+
+    deadline = time.monotonic() + wait_s
+    stats = snapshot()
+    while not whole(stats) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        stats = snapshot()
+    for name, s in stats:
+        extra = f", open_transfers {s['open_transfers']}" if "open_transfers" in s else ""
+        print(
+            f"{name} {s['replica_id'][:8]}: free_blocks {s['free_blocks']}/{s['total_blocks']}, "
+            f"waiting {s['waiting']}, running {s['running']}{extra}"
+        )
+    ok = whole(stats)
+    print("KV pools whole again: " + ("yes" if ok else f"NO (after waiting {wait_s:.0f} s): LEAK"))
+    return ok
+
+
+def make_pair(which: str, tmp: Path, hidden: int, intermediate: int) -> tuple[Path, Path, str]:
+    from overfill_serve.default_model import default_model_dir
+
+    teacher = default_model_dir()
+    if which == "default":
+        return teacher, teacher, f"default: {teacher.name} on both stages (overfill == full in speed)"
+    from overfill_serve.model.prune import prune_model
+
+    t = time.perf_counter()
+    rep = prune_model(
+        teacher,
+        tmp / f"{teacher.name}-pruned-h{hidden}-i{intermediate}",
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+    )
+    desc = (
+        f"pruned: teacher {teacher.name} (hidden {rep.teacher_hidden_size}, intermediate "
+        f"{rep.teacher_intermediate_size}, {rep.teacher_parameters / 1e6:.1f}M params) prefills; student "
+        f"hidden {rep.student_hidden_size}, intermediate {rep.student_intermediate_size}, layers "
+        f"{rep.student_num_layers}/{rep.teacher_num_layers}, {rep.student_parameters / 1e6:.1f}M params "
+        f"(prune_model, {time.perf_counter() - t:.1f} s).\n"
+        "NOTE: the student is NOT distilled, so its text is garbage; only speed is measured."
+    )
+    return teacher, rep.out_dir, desc
