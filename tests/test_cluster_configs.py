@@ -22,6 +22,11 @@ def test_config_is_valid(path):
     serve_config = ServeConfig.from_args(app["args"])
     assert serve_config.pair_name
     assert {d["name"] for d in app["deployments"]} <= {"PrefillServer", "DecodeServer", "Router"}
+    from ray.serve.config import AutoscalingConfig
+
+    for deployment in app["deployments"]:
+        if "autoscaling_config" in deployment:  # Serve validates it at deploy time; fail here instead
+            AutoscalingConfig(**deployment["autoscaling_config"])
     [servicer] = config["grpc_options"]["grpc_servicer_functions"]
     module, _, name = servicer.rpartition(".")
     assert hasattr(__import__(module, fromlist=[name]), name)

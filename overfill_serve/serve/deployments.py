@@ -57,6 +57,15 @@ class _ModelServer:
             "replica_id": serve.get_replica_context().replica_id.unique_id,
         }
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Read by `RoleAutoscaler` (autoscaling.py): what limits this replica's pool."""
+        stats = self.worker.stats()
+        return {
+            "queued_prompt_tokens": float(stats.get("queued_prompt_tokens", 0)),
+            "kv_utilization": 1.0 - stats["free_blocks"] / stats["total_blocks"],
+            "running": float(stats["running"] + stats["waiting"]),
+        }
+
     def record_routing_stats(self) -> dict:
         """Read by the replica router (`replica_router.py`) to rank replicas."""
         return self.stats()

@@ -1,0 +1,94 @@
+"""Role-aware autoscaling: each pool scales on what limits it.
+
+- prefill replicas on queued prompt tokens (compute-bound work waiting for the teacher);
+- decode replicas on KV-block utilisation and running sequences (memory-bound work on the student).
+
+`desired_replicas` is the pure decision; `RoleAutoscaler` adapts it to Ray Serve's custom autoscaling policy
+interface (a class-callable policy, built once with `policy_kwargs`, called with an `AutoscalingContext`),
+reading what each replica reports through `record_autoscaling_stats`. Scale-up is immediate; scale-down waits
+`downscale_delay_s` of sustained low load (replicas leave gracefully; Serve drains their in-flight requests,
+and a decode request cut short migrates, see dispatcher.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from overfill_serve.errors import ModelConfigError
+
+ROLES = ("prefill", "decode")
+
+
+def replica_load(role: str, stats: Mapping[str, float], targets: Mapping[str, float]) -> float:
+    """One replica's load in units of "a replica's worth of work" (1.0 = at target)."""
+    if role == "prefill":
+        return stats.get("queued_prompt_tokens", 0.0) / targets["queued_prompt_tokens"]
+    return max(
+        stats.get("kv_utilization", 0.0) / targets["kv_utilization"],
+        stats.get("running", 0.0) / targets["running"],
+    )
+
+
+def desired_replicas(
+    role: str,
+    per_replica: Sequence[Mapping[str, float]],
+    targets: Mapping[str, float],
+    min_replicas: int,
+    max_replicas: int,
+) -> int:
+    """Enough replicas to bring the pool's total load to at most 1.0 per replica, within the bounds."""
+    total = sum(replica_load(role, stats, targets) for stats in per_replica)
+    return max(min_replicas, min(max_replicas, math.ceil(total - 1e-9)))
+
+
+class RoleAutoscaler:
+    """`autoscaling_config.policy: {policy_function: overfill_serve.serve.autoscaling:RoleAutoscaler,
+    policy_kwargs: {role: decode, kv_utilization: 0.7, running: 24, downscale_delay_s: 30}}`."""
+
+    def __init__(
+        self,
+        role: str,
+        queued_prompt_tokens: float = 4096,
+        kv_utilization: float = 0.7,
+        running: float = 32,
+        downscale_delay_s: float = 30.0,
+    ) -> None:
+        if role not in ROLES:
+            raise ModelConfigError(f"autoscaling role {role!r} is not one of {ROLES}")
+        self.role = role
+        self.targets = {
+            "queued_prompt_tokens": queued_prompt_tokens,
+            "kv_utilization": kv_utilization,
+            "running": running,
+        }
+        if min(self.targets.values()) <= 0:
+            raise ModelConfigError(f"autoscaling targets must be positive, got {self.targets}")
+        self.downscale_delay_s = downscale_delay_s
+
+    def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
+        metrics = ctx.aggregated_metrics or {}
+        replicas = set().union(*(m.keys() for m in metrics.values())) if metrics else set()
+        per_replica = [{name: values[r] for name, values in metrics.items() if r in values} for r in replicas]
+        want = desired_replicas(
+            self.role,
+            per_replica,
+            self.targets,
+            ctx.capacity_adjusted_min_replicas,
+            ctx.capacity_adjusted_max_replicas,
+        )
+        return self.decide(
+            want, ctx.current_num_replicas, dict(ctx.policy_state or {}), ctx.current_time or time.time()
+        )
+
+    def decide(
+        self, want: int, current: int, state: dict[str, Any], now: float
+    ) -> tuple[int, dict[str, Any]]:
+        """Up at once; down only after `downscale_delay_s` of wanting fewer (no flapping on a short lull)."""
+        if want >= current:
+            state.pop("low_since", None)
+            return want, state
+        low_since = state.setdefault("low_since", now)
+        return (want, {}) if now - low_since >= self.downscale_delay_s else (current, state)
