@@ -24,3 +24,11 @@ def decode_kwargs(pair: Any, dtype: str = "float32") -> dict[str, Any]:
     return dict(
         dtype=dtype, block_size=4, num_kv_blocks=96, num_teacher_layers=4 if pair.kept_layers else None
     )
+
+
+def fragment(pool: Any, rng: Any) -> list[int]:
+    """Leave a shuffled half of the pool free, so a transfer's blocks are scattered; returns the held half."""
+    held = pool.allocate(pool.num_blocks)
+    rng.shuffle(held)
+    pool.free(held[: pool.num_blocks // 2])
+    return held[pool.num_blocks // 2 :]

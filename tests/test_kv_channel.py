@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kv_helpers import decode_kwargs, pool_full, wait_until
+from kv_helpers import decode_kwargs, fragment, pool_full, wait_until
 from peer_process import SECRET, PeerError, PeerProcess
 
 from overfill_serve import LLM, SamplingParams
@@ -92,19 +92,11 @@ def workers(pairs):
     prefill.stop()
 
 
-def _fragment(pool, rng):
-    """Leave a shuffled half of the pool free, so a transfer's blocks are scattered; returns the held half."""
-    held = pool.allocate(pool.num_blocks)
-    rng.shuffle(held)
-    pool.free(held[: pool.num_blocks // 2])
-    return held[pool.num_blocks // 2 :]
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_kv_byte_exact_with_scattered_blocks(workers, seed):
     prefill, decode = workers
     rng = random.Random(seed)
-    held_p, held_d = _fragment(prefill.pool, rng), _fragment(decode.pool, rng)
+    held_p, held_d = fragment(prefill.pool, rng), fragment(decode.pool, rng)
     prompt = [rng.randrange(3, 400) for _ in range(rng.randint(5, 40))]
     ticket = prefill.submit(prompt, GREEDY)
     wait_until(lambda: prefill.registry.get(ticket.transfer_id).completion is not None)

@@ -25,7 +25,7 @@ except Exception as e:  # ImportError, or no usable NIXL backend module
         allow_module_level=True,
     )
 
-from kv_helpers import decode_kwargs, pool_full, wait_until
+from kv_helpers import decode_kwargs, fragment, pool_full, wait_until
 from peer_process import SECRET, PeerProcess
 
 from overfill_serve import LLM, SamplingParams
@@ -91,14 +91,6 @@ def workers(pairs):
     prefill.stop()
 
 
-def _fragment(pool, rng):
-    """Leave a shuffled half of the pool free, so a transfer's blocks are scattered; returns the held half."""
-    held = pool.allocate(pool.num_blocks)
-    rng.shuffle(held)
-    pool.free(held[: pool.num_blocks // 2])
-    return held[pool.num_blocks // 2 :]
-
-
 def _ready(prefill, prompt):
     ticket = prefill.submit(prompt, GREEDY)
     wait_until(lambda: prefill.registry.get(ticket.transfer_id).completion is not None)
@@ -109,7 +101,7 @@ def _ready(prefill, prompt):
 def test_kv_byte_exact_with_scattered_blocks(workers, seed):
     prefill, decode = workers
     rng = random.Random(seed)
-    held_p, held_d = _fragment(prefill.pool, rng), _fragment(decode.pool, rng)
+    held_p, held_d = fragment(prefill.pool, rng), fragment(decode.pool, rng)
     prompt = [rng.randrange(3, 400) for _ in range(rng.randint(5, 40))]
     ticket, src = _ready(prefill, prompt)
     expected = [prefill.cache.read_blocks(layer, src).clone() for layer in decode.layout.kept_layers]
