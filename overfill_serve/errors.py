@@ -57,6 +57,12 @@ class ServiceUnavailableError(OverfillError):
     `service_unavailable`, gRPC UNAVAILABLE."""
 
 
+class PoolUnavailableError(ServiceUnavailableError):
+    """A pool the request needs has no replica and none can be placed (e.g. no node has its GPU type). The
+    message says which pool and what is missing, and reaches the client: HTTP 503 `pool_unavailable`, gRPC
+    UNAVAILABLE."""
+
+
 class ModelConfigError(OverfillError, ValueError):
     """A model directory's config.json is missing, unreadable or describes an unsupported model."""
 

@@ -20,14 +20,49 @@ def load_app_config(path: Path = CONFIG) -> tuple[dict[str, Any], dict[str, Any]
     return config, config["applications"][0]
 
 
+def quiet_ray_env() -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
 def start_ray(env: dict[str, str], metrics_port: int | None = None) -> None:
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    quiet_ray_env()
     # Logical CPUs: a 2-core machine still fits every replica's fractional num_cpus.
     extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env}, **extra)
+
+
+def _start_serve(grpc_functions: list[str]) -> None:
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    serve.start(
+        proxy_location="HeadOnly",  # one proxy: nodes of a one-machine test cluster share the ports
+        http_options={"host": "127.0.0.1", "port": HTTP_PORT},
+        grpc_options=gRPCOptions(port=GRPC_PORT, grpc_servicer_functions=grpc_functions),
+    )
+
+
+def deploy_config(
+    args: dict[str, Any], name: str, grpc_functions: list[str], deployments: list[dict[str, Any]]
+) -> None:
+    """Deploy the app from a config, as `serve run config.yaml` and KubeRay do: redeploying with only
+    `deployments:` settings changed (e.g. num_replicas) updates the running replicas in place, where a
+    Python `serve.run` would replace them all with a new version."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    _start_serve(grpc_functions)
+    app = {
+        "name": name,
+        "route_prefix": "/",
+        "import_path": "overfill_serve.serve.app:build_app",
+        "args": args,
+        "deployments": deployments,
+    }
+    _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]), _blocking=True)
 
 
 def run_app(
@@ -36,27 +71,35 @@ def run_app(
     grpc_functions: list[str],
     route_prefix: str = "/",
     options: dict[str, dict[str, Any]] | None = None,
+    wait_running: bool = True,
 ) -> None:
+    """Deploy the app; `wait_running=False` returns once it is created (a pool may never start)."""
     from ray import serve
+    from ray.serve.api import _run
     from ray.serve.config import gRPCOptions
 
     from overfill_serve.serve.app import build_app_with
     from overfill_serve.serve.config import ServeConfig
 
     serve.start(
+        proxy_location="HeadOnly",  # one proxy: nodes of a one-machine test cluster share the ports
         http_options={"host": "127.0.0.1", "port": HTTP_PORT},
         grpc_options=gRPCOptions(port=GRPC_PORT, grpc_servicer_functions=grpc_functions),
     )
-    serve.run(build_app_with(ServeConfig.from_args(args), options), name=name, route_prefix=route_prefix)
+    app = build_app_with(ServeConfig.from_args(args), options)
+    _run(app, name=name, route_prefix=route_prefix, _blocking=wait_running)
 
 
-def replica_stats(app: str, deployment: str, calls: int = 8) -> list[dict[str, Any]]:
-    """Stats of the replicas a few handle calls reach (every replica, with one or two per deployment)."""
-    from ray import serve
+def replica_stats(app: str, deployment: str) -> list[dict[str, Any]]:
+    """Stats of every running replica of a deployment, asked of each replica actor directly (a handle call
+    would go where the request router sends it: the least loaded replica)."""
+    import ray
+    from ray.serve.context import _get_global_client
 
-    handle = serve.get_deployment_handle(deployment, app_name=app)
-    seen: dict[Any, dict[str, Any]] = {}
-    for _ in range(calls):
-        stats = handle.stats.remote().result()
-        seen[stats["replica_id"]] = stats
-    return list(seen.values())
+    details = _get_global_client().get_serve_details()["applications"][app]["deployments"][deployment]
+    actors = [
+        ray.get_actor(r["actor_name"], namespace="serve")
+        for r in details["replicas"]
+        if r["state"] == "RUNNING"
+    ]
+    return ray.get([a.record_routing_stats.remote() for a in actors], timeout=30)

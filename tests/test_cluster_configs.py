@@ -37,3 +37,10 @@ def test_unknown_arg_is_refused():
 
     with pytest.raises(ModelConfigError, match="unknown application args"):
         ServeConfig.from_args({"prefil_model": "/typo"})
+
+
+def test_short_kv_secret_is_refused_at_build_time():
+    from overfill_serve.errors import ModelConfigError
+
+    with pytest.raises(ModelConfigError, match="at least 16 bytes"):
+        ServeConfig.from_args({"transfer": {"secret": "too-short"}})

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from overfill_serve.errors import ModelConfigError
-from overfill_serve.transfer.auth import SECRET_ENV
+from overfill_serve.transfer.auth import SECRET_ENV, load_secret
 from overfill_serve.transfer.config import TransferConfig
 
 API_KEY_ENV = "OVERFILL_API_KEY"
@@ -30,6 +30,7 @@ class ServeConfig:
     max_num_batched_tokens: int = 2048
     max_inflight_requests: int = 64  # per router replica; beyond it: 503 / RESOURCE_EXHAUSTED
     max_migrations: int = 2  # re-prefill + continue elsewhere when a decode replica dies or preempts
+    pool_check_period_s: float = 5.0  # how often the router re-reads the pools' replicas and placement
     api_key: str | None = None  # Bearer token for the HTTP and gRPC APIs; None: $OVERFILL_API_KEY or open
     transfer: dict[str, Any] = field(default_factory=dict)  # TransferConfig fields
 
@@ -43,7 +44,9 @@ class ServeConfig:
         transfer = dict(args.pop("transfer", None) or {})
         # Replicas of one application share the KV-channel secret; without one, make it per application.
         transfer.setdefault("secret", os.environ.get(SECRET_ENV) or secrets.token_hex(32))
-        TransferConfig(**{k: v for k, v in transfer.items() if k != "host"})  # validate early
+        # Validate here, where `serve run` reports it, not in every replica's constructor.
+        TransferConfig(**{k: v for k, v in transfer.items() if k != "host"})
+        load_secret(transfer["secret"])
         api_key = args.pop("api_key", None) or os.environ.get(API_KEY_ENV)
         return cls(**args, transfer=transfer, api_key=api_key)
 

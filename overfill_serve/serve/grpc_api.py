@@ -35,6 +35,7 @@ from overfill_serve.errors import (
     ModelNotFoundError,
     OutOfBlocksError,
     OverloadedError,
+    PoolUnavailableError,
     PreemptedError,
     ServiceUnavailableError,
     TransferError,
@@ -202,6 +203,8 @@ def status_for(exc: BaseException, *, request_id: str | None = None) -> tuple[gr
         return grpc.StatusCode.UNAVAILABLE, "no replica could finish the request (KV transfer failed); retry"
     if isinstance(exc, PreemptedError):
         return grpc.StatusCode.UNAVAILABLE, "no replica could finish the request (preempted); retry"
+    if isinstance(exc, PoolUnavailableError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, ServiceUnavailableError):
         return grpc.StatusCode.UNAVAILABLE, "no replica could finish the request; retry"
     if _ray_error(exc, "DeploymentUnavailableError", "RayActorError", "ActorUnavailableError"):

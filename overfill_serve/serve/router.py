@@ -36,6 +36,7 @@ from overfill_serve.serve.openai_protocol import (
     encode_prompt,
     parse_request,
 )
+from overfill_serve.serve.pool_monitor import PoolMonitor
 from overfill_serve.serve.served_by import ServedBy
 from overfill_serve.tokenizer import encode_chat, load_tokenizer
 from overfill_serve.transfer.channel import KVChannel
@@ -76,6 +77,12 @@ class Router:
         self.created = int(time.time())
         self._inflight = 0
         self._control: dict[str, KVChannel] = {}  # control-only channels to prefill KV servers
+        self.pools = PoolMonitor(serve.get_replica_context().app_name, config.pool_check_period_s).start()
+
+    def __del__(self) -> None:
+        pools = getattr(self, "pools", None)
+        if pools is not None:
+            pools.stop()
 
     # -- OpenAI HTTP API -----------------------------------------------------------------------------------
     @app.post("/v1/completions")
@@ -98,13 +105,15 @@ class Router:
 
     @app.get("/health")
     async def health(self) -> Any:
-        return {"status": "ok", "inflight": self._inflight}
+        """200 while the router runs; "degraded" (with each pool's state) while a pool has no replica."""
+        return {**self.pools.report(), "inflight": self._inflight}
 
     async def _openai(self, http: Request, cls: Any) -> Any:
         try:
             self._check_http_key(http)
             req = parse_request(cls, await http.body())
             mode = resolve_model(req.model, self.config.pair_name)
+            self.pools.check(mode)
             prompt = encode_prompt(
                 req, self.tokenizer, vocab_size=self.vocab_size, max_model_len=self.max_model_len
             )
@@ -189,6 +198,7 @@ class Router:
     def _grpc_request(self, request: Any, grpc_context: Any) -> tuple[Any, list[int], SamplingParams, Mode]:
         grpc_api.check_api_key(_metadata(grpc_context), self.config.api_key)
         mode = grpc_api.mode_from_request(request, self.config.pair_name)
+        self.pools.check(mode)
         kind, value = grpc_api.prompt_from_request(request)
         prompt: list[int]
         if kind == "chat":

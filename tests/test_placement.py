@@ -1,0 +1,97 @@
+"""Placement feasibility and the router's pool view: what an operator is told when a pool cannot be placed,
+and which modes keep serving."""
+
+from __future__ import annotations
+
+import pytest
+
+from overfill_serve.errors import PoolUnavailableError
+from overfill_serve.request import Mode
+from overfill_serve.serve.placement import NodeInfo, label_matches, placement_problem
+from overfill_serve.serve.pool_monitor import PoolMonitor, PoolStatus
+
+HEAD = NodeInfo("head", {"CPU": 4.0})
+H100 = NodeInfo("p", {"CPU": 8.0, "GPU": 8.0, "accelerator_type:H100": 1.0}, {"overfill.io/pool": "prefill"})
+L4 = NodeInfo("d", {"CPU": 4.0, "GPU": 1.0, "accelerator_type:L4": 1.0}, {"overfill.io/pool": "decode"})
+NODES = [HEAD, H100, L4]
+
+
+def test_label_selector_semantics():
+    labels = {"overfill.io/pool": "decode", "zone": "a"}
+    assert label_matches({}, labels)
+    assert label_matches({"overfill.io/pool": "decode"}, labels)
+    assert not label_matches({"overfill.io/pool": "prefill"}, labels)
+    assert label_matches({"overfill.io/pool": "!prefill"}, labels)
+    assert label_matches({"zone": "in(a, b)"}, labels)
+    assert not label_matches({"zone": "!in(a,b)"}, labels)
+    assert not label_matches({"rack": "r1"}, labels)  # a missing label matches no value
+    assert label_matches({"rack": "!r1"}, labels)
+
+
+def test_feasible_requirements_have_no_problem():
+    assert placement_problem({"CPU": 1, "accelerator_type:L4": 0.001}, {}, NODES) is None
+    assert placement_problem({"GPU": 8}, {"overfill.io/pool": "prefill"}, NODES) is None
+
+
+def test_missing_resource_is_named():
+    problem = placement_problem({"CPU": 0.5, "accelerator_type:B200": 0.001}, {}, NODES)
+    assert problem is not None and problem.startswith("no alive node has accelerator_type:B200 >= 0.001 (")
+    # the label narrows the candidates: an L4 exists, but not in the prefill pool
+    problem = placement_problem({"accelerator_type:L4": 0.001}, {"overfill.io/pool": "prefill"}, NODES)
+    assert problem is not None and "labels {'overfill.io/pool': 'prefill'}" in problem
+    assert "accelerator_type:L4" in problem
+
+
+def test_unmatched_label_lists_the_labels_there_are():
+    problem = placement_problem({"CPU": 1}, {"overfill.io/pool": "decode-a10"}, NODES)
+    assert problem is not None and "label_selector {'overfill.io/pool': 'decode-a10'}" in problem
+    assert "overfill.io/pool=decode" in problem and "overfill.io/pool=prefill" in problem
+
+
+def test_resources_spread_over_nodes_do_not_fit_one():
+    problem = placement_problem({"GPU": 8, "accelerator_type:L4": 0.001}, {}, NODES)
+    assert problem is not None and "no single alive node" in problem
+    assert placement_problem({"CPU": 1}, {}, []) == "no alive node in the cluster"
+
+
+def _monitor(pools: dict[str, PoolStatus]) -> PoolMonitor:
+    monitor = PoolMonitor("app", period_s=60, read=lambda app: pools)
+    monitor.refresh()
+    return monitor
+
+
+def test_monitor_refuses_only_the_modes_that_need_an_unplaceable_pool(caplog):
+    why = "no alive node has accelerator_type:B200 >= 0.001"
+    with caplog.at_level("WARNING"):
+        monitor = _monitor(
+            {
+                "prefill": PoolStatus("prefill", "PrefillServer", 1, 1),
+                "decode": PoolStatus("decode", "DecodeServer", 0, 1, why),
+            }
+        )
+    assert any(why in r.getMessage() and "decode pool" in r.getMessage() for r in caplog.records)
+    monitor.check(Mode.FULL)
+    for mode in (Mode.OVERFILL, Mode.PRUNED):
+        with pytest.raises(PoolUnavailableError, match="decode pool .*accelerator_type:B200"):
+            monitor.check(mode)
+    report = monitor.report()
+    assert report["status"] == "degraded" and report["pools"]["decode"]["problem"] == why
+
+
+def test_monitor_waits_for_a_placeable_pool_and_keeps_old_state_on_read_errors():
+    # no replica yet, but one can be placed (starting, or the autoscaler is adding a node): requests wait
+    monitor = _monitor(
+        {
+            "prefill": PoolStatus("prefill", "PrefillServer", 0, 1),
+            "decode": PoolStatus("decode", "DecodeServer", 2, 2),
+        }
+    )
+    monitor.check(Mode.OVERFILL)
+    assert monitor.report()["status"] == "degraded"
+
+    def broken(app: str) -> dict[str, PoolStatus]:
+        raise ConnectionError("controller restarting")
+
+    monitor._read = broken
+    monitor.refresh()
+    assert monitor.pools["decode"].running == 2
