@@ -1,5 +1,6 @@
-"""Role-aware autoscaling: the pure decision, the Serve policy adapter, and a real burst on Ray Serve where the
-decode pool scales 1 -> 2 -> 1 and every request of the burst completes with the offline output."""
+"""Role-aware autoscaling: the pure decision, the Serve policy adapter, and real bursts on Ray Serve where the
+decode pool (long generations) and the prefill pool (long prompts) each scale 1 -> 2 -> 1, both replicas
+take traffic, and every request of the burst completes with the offline output."""
 
 from __future__ import annotations
 
@@ -63,21 +64,9 @@ def test_bad_policy_settings_are_refused():
         RoleAutoscaler("decode", running=0)
 
 
-def test_decode_pool_scales_with_a_burst(pairs):
-    pytest.importorskip("ray")
-    from ray import serve
-    from serve_harness import HTTP_PORT, load_app_config, run_app, start_ray
-    from serve_harness import wait_until as wait
-
-    from overfill_serve import LLM, SamplingParams
-
-    pair = pairs["width"]
-    policy = {
-        "policy_function": "overfill_serve.serve.autoscaling:RoleAutoscaler",
-        "policy_kwargs": {"role": "decode", "running": 1, "downscale_delay_s": 2},
-    }
-    options = {
-        "DecodeServer": {
+def _policy_options(deployment: str, policy_kwargs: dict) -> dict:
+    return {
+        deployment: {
             "autoscaling_config": {
                 "min_replicas": 1,
                 "max_replicas": 2,
@@ -85,40 +74,50 @@ def test_decode_pool_scales_with_a_burst(pairs):
                 "look_back_period_s": 1,
                 "upscale_delay_s": 0,
                 "downscale_delay_s": 0,
-                "policy": policy,
+                "policy": {
+                    "policy_function": "overfill_serve.serve.autoscaling:RoleAutoscaler",
+                    "policy_kwargs": {**policy_kwargs, "downscale_delay_s": 2},
+                },
             }
         }
     }
-    args = {
-        "pair_name": "burst",
-        "prefill_model": str(pair.teacher),
-        "decode_model": str(pair.student),
-        "block_size": 4,
-        "prefill_kv_blocks": 256,
-        "decode_kv_blocks": 1024,
-    }
+
+
+def _burst_scales_one_pool(
+    pair, app: str, deployment: str, args: dict, options: dict, prompt, params, per_client: int
+):
+    """Run a burst (4 clients x `per_client` requests) against `app`; assert the deployment went 1 -> 2 -> 1, both of
+    its replicas did some of the work, and every response equals the offline engine's."""
+    from ray import serve
+    from serve_harness import HTTP_PORT, load_app_config, replica_stats, run_app, start_ray
+    from serve_harness import wait_until as wait
+
+    from overfill_serve import LLM
+
     config, _ = load_app_config()
     start_ray({})
     try:
-        run_app(args, "burst", config["grpc_options"]["grpc_servicer_functions"], options=options)
+        run_app(args, app, config["grpc_options"]["grpc_servicer_functions"], options=options)
 
         def running_replicas() -> int:
-            states = serve.status().applications["burst"].deployments["DecodeServer"].replica_states
+            states = serve.status().applications[app].deployments[deployment].replica_states
             return sum(n for state, n in states.items() if str(state).endswith("RUNNING"))
 
-        prompt = list(range(20, 60))
-        want = (
-            LLM(pair.teacher, pair.student, num_kv_blocks=256, block_size=4)
-            .generate(prompt, SamplingParams(max_tokens=600, temperature=0, ignore_eos=True))[0]
-            .text
-        )
+        llm = LLM(pair.teacher, pair.student, num_kv_blocks=256, block_size=4)
+        want = llm.generate(prompt, params)[0].text
         body = json.dumps(
-            {"model": "burst", "prompt": prompt, "max_tokens": 600, "temperature": 0, "ignore_eos": True}
+            {
+                "model": app,
+                "prompt": prompt,
+                "max_tokens": params.max_tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
         )
         results: list[tuple[int, str]] = []  # checked here: an assert in a thread would not fail the test
 
         def client() -> None:
-            for _ in range(6):
+            for _ in range(per_client):
                 conn = http.client.HTTPConnection("127.0.0.1", HTTP_PORT, timeout=120)
                 conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
                 response = conn.getresponse()
@@ -131,17 +130,71 @@ def test_decode_pool_scales_with_a_burst(pairs):
         threads = [threading.Thread(target=client) for _ in range(4)]
         for t in threads:
             t.start()
+        work = "prefilled" if deployment == "PrefillServer" else "finished"
+        done_by: dict[str, int] = {}  # replica id -> requests it served, as last seen
         peak, start = 1, time.monotonic()
         while any(t.is_alive() for t in threads) and time.monotonic() - start < 180:
             peak = max(peak, running_replicas())
+            done_by.update({s["replica_id"]: s[work] for s in replica_stats(app, deployment)})
             time.sleep(0.25)
         for t in threads:
             t.join(timeout=60)
-        assert results == [(200, want)] * 24
+        assert results == [(200, want)] * (4 * per_client)
         assert peak == 2
-        wait(lambda: running_replicas() == 1, timeout=60, what="the decode pool back to one replica")
+        # the router followed the pool: the replica that joined took part of the burst
+        assert len([n for n in done_by.values() if n > 0]) == 2, done_by
+        wait(lambda: running_replicas() == 1, timeout=60, what=f"the {deployment} pool back to one replica")
     finally:
         serve.shutdown()
         import ray
 
         ray.shutdown()
+
+
+def _args(pair, app: str, **overrides) -> dict:
+    return {
+        "pair_name": app,
+        "prefill_model": str(pair.teacher),
+        "decode_model": str(pair.student),
+        "block_size": 4,
+        "prefill_kv_blocks": 256,
+        "decode_kv_blocks": 1024,
+        **overrides,
+    }
+
+
+def test_decode_pool_scales_with_a_burst(pairs):
+    """Long generations: running sequences over a target of 1 a replica."""
+    pytest.importorskip("ray")
+    from overfill_serve import SamplingParams
+
+    pair = pairs["width"]
+    _burst_scales_one_pool(
+        pair,
+        "burst",
+        "DecodeServer",
+        _args(pair, "burst"),
+        _policy_options("DecodeServer", {"role": "decode", "running": 1}),
+        list(range(20, 60)),
+        SamplingParams(max_tokens=600, temperature=0, ignore_eos=True),
+        per_client=6,
+    )
+
+
+def test_prefill_pool_scales_with_a_prompt_heavy_burst(pairs):
+    """Long prompts, a few output tokens, prefill in 16-token chunks: queued prompt tokens over a target of
+    64 a replica."""
+    pytest.importorskip("ray")
+    from overfill_serve import SamplingParams
+
+    pair = pairs["width"]
+    _burst_scales_one_pool(
+        pair,
+        "promptburst",
+        "PrefillServer",
+        _args(pair, "promptburst", max_num_batched_tokens=16),
+        _policy_options("PrefillServer", {"role": "prefill", "queued_prompt_tokens": 64}),
+        [(7 * i) % 400 + 3 for i in range(700)],
+        SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+        per_client=30,  # long enough for the metrics, the policy and a new replica's start-up
+    )

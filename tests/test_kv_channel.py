@@ -215,6 +215,29 @@ def test_renewed_lease_survives(pairs):
         prefill.stop()
 
 
+def test_drain_waits_for_open_transfers(pairs):
+    """A prefill worker shutting down serves the KV it offered: drain returns once it is pulled, or once an
+    unpulled transfer's lease runs out; both pools are full after."""
+    pair = pairs["depth"]
+    llm = LLM(pair.teacher, pair.student, num_kv_blocks=96, block_size=4)
+    config = TransferConfig(lease_seconds=2.0)
+    prefill = PrefillWorker(pair.teacher, transfer=config, block_size=4, num_kv_blocks=64).start()
+    decode = DecodeWorker(pair.student, transfer=config, **decode_kwargs(pair)).start()
+    try:
+        pulled, _ = prefill.submit(PROMPTS[0], GREEDY), prefill.submit(PROMPTS[2], GREEDY)
+        assert not prefill.drain(timeout=0.2)  # both still open
+        tokens = [t for o in decode.generate_from(pulled, PROMPTS[0], GREEDY) for t in o.token_ids]
+        assert tokens == llm.generate(PROMPTS[0], GREEDY)[0].token_ids
+        assert prefill.registry.num_open == 1  # the unpulled one holds on until its lease ends
+        start = time.monotonic()
+        assert prefill.drain(timeout=6.0)
+        assert 0.2 < time.monotonic() - start < 4.0
+        assert pool_full(prefill.stats()) and pool_full(decode.stats())
+    finally:
+        decode.stop()
+        prefill.stop()
+
+
 def test_abort_from_decode_side(workers):
     prefill, decode = workers
     ticket = prefill.submit(PROMPTS[1], GREEDY)

@@ -28,7 +28,9 @@ def test_prefill_prefers_fewest_queued_prompt_tokens():
     assert rank_replicas("prefill", stats) == [1, 2, 0]
 
 
-def test_replicas_without_stats_rank_last_and_ties_keep_order():
-    assert rank_replicas("decode", [None, _decode(10), {}]) == [1, 0, 2]
-    assert rank_replicas("prefill", [{"queued_prompt_tokens": 7}] * 3) == [0, 1, 2]
+def test_replicas_without_stats_rank_last_and_ties_spread():
+    assert rank_replicas("decode", [None, _decode(10), {}])[0] == 1
+    assert {rank_replicas("decode", [_decode(10), None])[0] for _ in range(50)} == {0}
+    firsts = [rank_replicas("prefill", [{"queued_prompt_tokens": 7}] * 3)[0] for _ in range(300)]
+    assert all(firsts.count(i) > 50 for i in range(3))  # equal replicas share the traffic
     assert load_score("decode", None) > load_score("decode", _decode(0))

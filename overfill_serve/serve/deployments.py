@@ -80,7 +80,15 @@ class _ModelServer:
             worker.stop()
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256, health_check_period_s=5)
+# Scale-down: Serve stops routing to a replica, waits for its requests, then calls `__del__`, all within
+# graceful_shutdown_timeout_s. A prefill replica then serves its open KV transfers (up to a lease); a decode
+# request still running at the deadline migrates to another replica (dispatcher.py).
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.5},
+    max_ongoing_requests=256,
+    health_check_period_s=5,
+    graceful_shutdown_timeout_s=45,
+)
 class PrefillServer(_ModelServer):
     worker: PrefillWorker
 
@@ -106,8 +114,21 @@ class PrefillServer(_ModelServer):
     def abort_transfer(self, transfer_id: str, reason: str) -> None:
         self.worker.abort_transfer(transfer_id, reason)
 
+    def __del__(self) -> None:
+        # Serve calls this once the replica has no request in flight (scale-down, redeploy). KV it offered
+        # may still be mid-pull: serve it until each transfer is released or its lease runs out.
+        worker = getattr(self, "worker", None)
+        if worker is not None and not worker.drain(timeout=worker.registry.lease_seconds + 1.0):
+            log.warning("prefill replica shutting down with %d KV transfers open", worker.registry.num_open)
+        super().__del__()
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256, health_check_period_s=5)
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.5},
+    max_ongoing_requests=256,
+    health_check_period_s=5,
+    graceful_shutdown_timeout_s=60,
+)
 class DecodeServer(_ModelServer):
     worker: DecodeWorker
 

@@ -5,6 +5,7 @@ request-router interface, reading the stats each replica reports through `record
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,8 +24,10 @@ def load_score(role: str, stats: dict[str, Any] | None) -> tuple[float, ...]:
 
 
 def rank_replicas(role: str, stats: Sequence[dict[str, Any] | None]) -> list[int]:
-    """Indices of the replicas, best first (stable for ties, so equal replicas keep their order)."""
-    return sorted(range(len(stats)), key=lambda i: load_score(role, stats[i]))
+    """Indices of the replicas, best first. Ties break at random: stats refresh once a second, and equal
+    replicas (a fresh one and an idle one) must share the requests that arrive in between, not herd."""
+    keys = [(load_score(role, s), random.random()) for s in stats]
+    return sorted(range(len(stats)), key=keys.__getitem__)
 
 
 class OverfillRequestRouter(RequestRouter):

@@ -133,6 +133,11 @@ class TransferRegistry:
         with self._cond:
             return self._live(transfer_id)
 
+    def wait_empty(self, timeout: float) -> bool:
+        """Block until no transfer is open (each pulled, aborted or expired), within `timeout` seconds."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._transfers, timeout)
+
     @property
     def num_open(self) -> int:
         with self._cond:
@@ -177,6 +182,7 @@ class TransferRegistry:
             if not prefilling:
                 self.pool.free(transfer.block_ids)
                 transfer.request.block_table = []
+            self._cond.notify_all()
             # A transfer still prefilling is gone from the book: `complete` will find nothing and free.
             self._cond.notify_all()
         if prefilling and self._abort_prefill is not None:

@@ -74,6 +74,7 @@ class ModelWorker:
         self._streams: dict[str, OutputStream] = {}  # engine thread only
         self._local: set[str] = set()  # requests whose prompt KV this model computes: re-prefillable here
         self._ids = itertools.count()
+        self.num_finished = 0  # requests this worker's engine ran to the end
 
     def start(self) -> ModelWorker:
         self.loop.start()
@@ -88,6 +89,7 @@ class ModelWorker:
             "total_blocks": self.pool.num_blocks,
             "waiting": len(self.prefill_engine.waiting) + len(self.decode_engine.waiting),
             "running": len(self.prefill_engine.running) + len(self.decode_engine.running),
+            "finished": self.num_finished,
         }
 
     # -- local generation ----------------------------------------------------------------------------------
@@ -201,6 +203,7 @@ class ModelWorker:
             return
         stream.put(out)
         if out.finished:
+            self.num_finished += 1
             stream.put(END)
             del self._streams[out.request_id]
             self._local.discard(out.request_id)

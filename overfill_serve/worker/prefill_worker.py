@@ -68,6 +68,7 @@ class PrefillWorker(ModelWorker):
         )
         self.server = KVTransferServer(servicer, transfer)
         self._transfer_of: dict[str, tuple[str, int]] = {}  # request id -> (transfer id, prompt length)
+        self.num_prefilled = 0  # remote prefills handed over
 
     @property
     def address(self) -> str:
@@ -102,12 +103,18 @@ class PrefillWorker(ModelWorker):
         self.loop.call(admit)
         return TransferTicket(transfer_id, self.address, request.request_id, request.num_prompt_tokens)
 
+    def drain(self, timeout: float) -> bool:
+        """Before shutting down: wait until every offered KV is pulled, aborted or its lease ran out, so a
+        decode worker mid-pull is not cut off. True if none is left open."""
+        return self.registry.wait_empty(timeout)
+
     def abort_transfer(self, transfer_id: str, reason: str = "aborted by the prefill side") -> None:
         self.registry.abort(transfer_id, reason)
 
     def stats(self) -> dict[str, int]:
         stats = super().stats()
         stats["open_transfers"] = self.registry.num_open
+        stats["prefilled"] = self.num_prefilled
         stats["waiting"] += len(self.remote_engine.waiting)
         stats["running"] += len(self.remote_engine.running)
         stats["queued_prompt_tokens"] = sum(
@@ -122,6 +129,7 @@ class PrefillWorker(ModelWorker):
             return False
         result = self.remote_engine.step()
         for request in result.handed_over:
+            self.num_prefilled += 1
             transfer_id, _ = self._transfer_of.pop(request.request_id)
             logprob = request.output_logprobs[0] if request.output_logprobs else None
             self.registry.complete(
