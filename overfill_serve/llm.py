@@ -22,6 +22,7 @@ from overfill_serve.engine.sampler import Sampler
 from overfill_serve.errors import InvalidRequestError, ModelConfigError
 from overfill_serve.kv.block_pool import BlockPool
 from overfill_serve.kv.paged_cache import PagedKVCache
+from overfill_serve.kv.swap_space import SwapSpace
 from overfill_serve.model.loader import parse_dtype
 from overfill_serve.model.pair import ModelPair
 from overfill_serve.request import Mode, Request, RequestStatus, TokenLogprob
@@ -71,6 +72,7 @@ class LLM:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
         max_model_len: int | None = None,
+        num_swap_blocks: int = 0,
     ) -> None:
         if prefill_model is None:
             from overfill_serve.default_model import default_model_dir
@@ -119,8 +121,12 @@ class LLM:
             role: PrefillEngine(r, self.pool, self.sampler, self.output, max_num_batched_tokens, max_num_seqs)
             for role, r in runners.items()
         }
+        # Preempted decodes swap their KV to host memory when it has room, else are re-prefilled.
+        self.swap = SwapSpace(self.cache, num_swap_blocks) if num_swap_blocks else None
         self.decode = {
-            role: DecodeEngine(r, self.pool, self.sampler, self.output, self._re_prefill, max_num_seqs)
+            role: DecodeEngine(
+                r, self.pool, self.sampler, self.output, self._re_prefill, max_num_seqs, self.swap
+            )
             for role, r in runners.items()
         }
         self._requests: dict[str, Request] = {}

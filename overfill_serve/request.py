@@ -42,6 +42,7 @@ class RequestStatus(str, enum.Enum):
     PREFILLING = "prefilling"
     KV_IN_FLIGHT = "kv_in_flight"
     DECODING = "decoding"
+    SWAPPED = "swapped"  # preempted, its decode KV in host memory until blocks free up
     FINISHED = "finished"
     ABORTED = "aborted"
     FAILED = "failed"

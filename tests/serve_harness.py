@@ -91,15 +91,20 @@ def run_app(
 
 
 def replica_stats(app: str, deployment: str) -> list[dict[str, Any]]:
-    """Stats of every running replica of a deployment, asked of each replica actor directly (a handle call
-    would go where the request router sends it: the least loaded replica)."""
+    """Stats of every live replica of a deployment, asked of each replica actor directly (a handle call
+    would go where the request router sends it: the least loaded replica). A replica just killed may still
+    be listed as running by the controller: it is skipped."""
     import ray
     from ray.serve.context import _get_global_client
 
     details = _get_global_client().get_serve_details()["applications"][app]["deployments"][deployment]
-    actors = [
-        ray.get_actor(r["actor_name"], namespace="serve")
-        for r in details["replicas"]
-        if r["state"] == "RUNNING"
-    ]
-    return ray.get([a.record_routing_stats.remote() for a in actors], timeout=30)
+    stats = []
+    for replica in details["replicas"]:
+        if replica["state"] != "RUNNING":
+            continue
+        try:
+            actor = ray.get_actor(replica["actor_name"], namespace="serve")
+            stats.append(ray.get(actor.record_routing_stats.remote(), timeout=30))
+        except (ValueError, ray.exceptions.RayActorError):
+            continue
+    return stats

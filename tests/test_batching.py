@@ -77,6 +77,51 @@ def test_preemption_keeps_outputs(width_pair, one_at_a_time):
     assert llm.pool.num_free == llm.pool.num_blocks
 
 
+def _count_re_prefills(llm: LLM) -> list[str]:
+    calls: list[str] = []
+    for engine in llm.decode.values():
+        re_prefill = engine.preempt
+        engine.preempt = lambda r, f=re_prefill: (calls.append(r.request_id), f(r))  # type: ignore[method-assign]
+    return calls
+
+
+@pytest.mark.parametrize("swap_blocks", [64, 6])
+def test_preemption_with_swap_keeps_outputs(width_pair, one_at_a_time, swap_blocks):
+    """Preempted decodes swap their KV out and back in: the same tokens, nothing recomputed while the swap
+    space has room (64 blocks), re-prefill as the fallback when it has not (6 blocks)."""
+    llm = LLM(
+        width_pair.teacher,
+        width_pair.student,
+        num_kv_blocks=24,
+        block_size=4,
+        max_num_seqs=32,
+        num_swap_blocks=swap_blocks,
+    )
+    re_prefilled = _count_re_prefills(llm)
+    work = _workload(32)
+    outs = llm.generate([p for p, _ in work], [sp for _, sp in work])
+    assert {i: o.token_ids for i, o in enumerate(outs)} == one_at_a_time
+    preemptions = sum(o.metrics.num_preemptions for o in outs)
+    assert preemptions > 0
+    assert (len(re_prefilled) == 0) if swap_blocks == 64 else (0 < len(re_prefilled) < preemptions)
+    assert llm.pool.num_free == llm.pool.num_blocks and llm.swap is not None and llm.swap.num_used == 0
+
+
+def test_abort_while_swapped_frees_the_swap_space(width_pair):
+    llm = LLM(width_pair.teacher, width_pair.student, num_kv_blocks=12, block_size=4, num_swap_blocks=64)
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    ids = [llm.add_request(list(range(10 + i, 20 + i)), params) for i in range(3)]
+    swapped = llm.decode["student"].swapped
+    while not swapped:
+        llm.step()
+    victim = swapped[0].request_id
+    assert llm.swap is not None and llm.swap.num_used > 0
+    assert llm.abort(victim)
+    while llm.has_unfinished():
+        llm.step()
+    assert victim in ids and llm.swap.num_used == 0 and llm.pool.num_free == llm.pool.num_blocks
+
+
 def test_abort_mid_flight_frees_blocks(width_pair):
     llm = LLM(width_pair.teacher, width_pair.student, num_kv_blocks=64, block_size=4)
     params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)

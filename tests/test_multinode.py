@@ -180,10 +180,11 @@ def test_unsatisfiable_pool_is_reported_and_the_rest_serves(cluster, pairs):
         assert prefill["node_id"] == prefill_node and prefill["free_blocks"] == prefill["total_blocks"]
 
         # and the operator finds the reason in the router's log, not a replica silently STARTING
-        logs = Path(c.head_node.get_logs_dir_path()) / "serve"
+        logs = {Path(node.get_logs_dir_path()) / "serve" for node in c.list_all_nodes()}  # wherever it runs
         lines = [
             line
-            for f in logs.glob("replica_nob200_Router_*.log")
+            for d in logs
+            for f in d.glob("replica_nob200_Router_*.log")
             for line in f.read_text().splitlines()
             if "cannot be placed" in line
         ]

@@ -4,6 +4,7 @@ API, and what a decode worker does when it runs out of blocks."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -101,6 +102,45 @@ def test_remote_request_preempted_hands_back_tokens_and_resumes_exactly(pairs):
         ticket = prefill.submit(PROMPTS[2], params, generated_token_ids=generated)
         rest = _tokens(decode.generate_from(ticket, PROMPTS[2], params, generated_token_ids=generated))
         assert generated + rest == expected.token_ids
+    finally:
+        prefill.stop()
+        decode.stop()
+    assert decode.stats()["free_blocks"] == 30
+
+
+def test_remote_request_preempted_with_swap_stays_on_the_decode_worker(pairs):
+    """The same squeeze with a swap space: the newer request's KV goes to host memory and comes back when
+    the older one finishes. Both end with the offline output and neither goes back to the prefill worker."""
+    pair = pairs["width"]
+    config = TransferConfig()
+    prefill = PrefillWorker(pair.teacher, transfer=config, block_size=4, num_kv_blocks=128).start()
+    decode = DecodeWorker(
+        pair.student, transfer=config, block_size=4, num_kv_blocks=30, num_swap_blocks=30
+    ).start()
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    expected = LLM(pair.teacher, pair.student, num_kv_blocks=128, block_size=4).generate(PROMPTS[2], params)[
+        0
+    ]
+    swap = decode.decode_engine.swap
+    assert swap is not None
+    swapped_out: list[str] = []
+    swap_out = swap.swap_out
+    swap.swap_out = lambda rid, blocks: (swapped_out.append(rid), swap_out(rid, blocks))  # type: ignore[method-assign]
+    try:
+        decode.loop.call(lambda: time.sleep(0.5))  # hold the engine so both requests join the same step
+        streams = [decode.generate_from(prefill.submit(PROMPTS[2], params), PROMPTS[2], params) for _ in "ab"]
+        results: list[list[int]] = [[], []]
+        threads = [
+            threading.Thread(target=lambda k=k, it=it: results[k].extend(_tokens(it)))
+            for k, it in enumerate(streams)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert results == [expected.token_ids, expected.token_ids]
+        assert swapped_out and swap.num_used == 0
+        assert prefill.stats()["prefilled"] == 2  # no re-prefill
     finally:
         prefill.stop()
         decode.stop()

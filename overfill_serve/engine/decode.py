@@ -2,12 +2,15 @@
 mode). Requests join and leave between steps; each step feeds every running request the tokens whose KV is not
 yet in the cache (one token normally, more after a preemption or migration) and samples the next token.
 
-When the pool runs out of blocks the newest request is preempted: its blocks are freed and it goes back to the
-prefill engine through `preempt`, keeping every token it generated.
+When the pool runs out of blocks the newest request is preempted. With a swap space that has room, its KV is
+swapped out to host memory and back in once blocks free up (swapped requests go before new ones); otherwise
+its blocks are freed and it goes back through `preempt` to be re-prefilled, keeping every token it generated.
 """
 
 from __future__ import annotations
 
+import bisect
+from collections import deque
 from collections.abc import Callable
 
 import torch
@@ -18,7 +21,12 @@ from overfill_serve.engine.runner import ModelRunner
 from overfill_serve.engine.sampler import Sampler
 from overfill_serve.engine.stage import StageEngine, blocks_for
 from overfill_serve.kv.block_pool import BlockPool
-from overfill_serve.request import Request, RequestStatus
+from overfill_serve.kv.swap_space import SwapSpace
+from overfill_serve.request import FinishReason, Request, RequestStatus
+
+
+def _arrival(request: Request) -> float:
+    return request.timeline[RequestStatus.RECEIVED.value]
 
 
 class DecodeEngine(StageEngine):
@@ -30,10 +38,26 @@ class DecodeEngine(StageEngine):
         output: OutputProcessor,
         preempt: Callable[[Request], None],
         max_num_seqs: int = 64,
+        swap: SwapSpace | None = None,
     ) -> None:
         super().__init__(runner, pool, sampler, output)  # waiting: KV present, not yet admitted
         self.preempt = preempt
         self.max_num_seqs = max_num_seqs
+        self.swap = swap
+        self.swapped: deque[Request] = deque()  # KV in the swap space, oldest first
+
+    def has_work(self) -> bool:
+        return bool(self.swapped) or super().has_work()
+
+    def abort(self, request_id: str) -> Request | None:
+        for request in self.swapped:
+            if request.request_id == request_id:
+                self.swapped.remove(request)
+                assert self.swap is not None
+                self.swap.discard(request_id)
+                self._finish(request, RequestStatus.ABORTED, FinishReason.ABORT)
+                return request
+        return super().abort(request_id)
 
     def add(self, request: Request) -> None:
         assert request.block_table and request.output_token_ids, "decode needs prompt KV and a first token"
@@ -47,7 +71,10 @@ class DecodeEngine(StageEngine):
         return self._postprocess(batch, logits)
 
     def _schedule(self) -> Batch:
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        self._swap_in()
+        # Swapped requests come back before new ones join, unless nothing runs that could free their room
+        # (the waiting ones hold blocks of their own: running them is how the room comes back).
+        while self.waiting and len(self.running) < self.max_num_seqs and not (self.swapped and self.running):
             request = self.waiting.popleft()
             request.mark(RequestStatus.DECODING)
             self.running.append(request)
@@ -83,12 +110,33 @@ class DecodeEngine(StageEngine):
         """The newest request holding blocks: not-yet-admitted ones first, then the newest running one."""
         return self.waiting[-1] if self.waiting else self.running[-1]
 
+    def _swap_in(self) -> None:
+        """Bring swapped requests back, oldest first, while their blocks fit."""
+        assert self.swap is not None or not self.swapped
+        while self.swapped and len(self.running) < self.max_num_seqs:
+            request = self.swapped[0]
+            blocks = self.pool.allocate(self.swap.blocks_of(request.request_id))  # type: ignore[union-attr]
+            if blocks is None:
+                return
+            self.swapped.popleft()
+            self.swap.swap_in(request.request_id, blocks)  # type: ignore[union-attr]
+            request.block_table = blocks
+            request.mark(RequestStatus.DECODING)
+            bisect.insort(self.running, request, key=_arrival)  # the newest stays the next victim
+
     def _preempt(self, request: Request) -> None:
         (self.waiting if request in self.waiting else self.running).remove(request)
+        request.num_preemptions += 1
+        if self.swap is not None and self.swap.can_hold(len(request.block_table)):
+            self.swap.swap_out(request.request_id, request.block_table)
+            self.pool.free(request.block_table)
+            request.block_table = []
+            request.mark(RequestStatus.SWAPPED)
+            self.swapped.append(request)
+            return
         self.pool.free(request.block_table)
         request.block_table = []
         request.num_computed_tokens = 0
-        request.num_preemptions += 1
         self.preempt(request)
 
     def _postprocess(self, batch: Batch, logits: torch.Tensor) -> list[StepOutput]:

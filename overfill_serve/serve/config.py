@@ -26,6 +26,7 @@ class ServeConfig:
     block_size: int = 16
     prefill_kv_blocks: int = 512
     decode_kv_blocks: int = 512
+    decode_swap_blocks: int = 256  # host memory for preempted decodes' KV (0: hand them back for re-prefill)
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
     max_inflight_requests: int = 64  # per router replica; beyond it: 503 / RESOURCE_EXHAUSTED

@@ -143,6 +143,7 @@ class DecodeServer(_ModelServer):
             transfer=transfer,
             kept_layers=config.kept_layers,
             num_teacher_layers=teacher_layers,
+            num_swap_blocks=config.decode_swap_blocks,
             **_worker_kwargs(config, config.decode_kv_blocks),
         )
         self.worker.start()

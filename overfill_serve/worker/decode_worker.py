@@ -147,9 +147,10 @@ class DecodeWorker(ModelWorker):
             self.decode_engine.add(request)
 
     def _allocate(self, n: int) -> list[int]:
-        """Blocks for an incoming transfer, waiting (bounded) for running requests to free some."""
+        """Blocks for an incoming transfer, waiting (bounded) for running requests to free some. Swapped-out
+        requests come first: a new request takes no blocks while one waits to come back."""
         deadline = time.monotonic() + self.transfer.timeout_seconds
-        while (blocks := self.pool.allocate(n)) is None:
+        while self.decode_engine.swapped or (blocks := self.pool.allocate(n)) is None:
             if n > self.pool.num_blocks or time.monotonic() > deadline:
                 raise OutOfBlocksError(f"no room for {n} KV blocks ({self.pool.num_free} free)")
             time.sleep(0.01)

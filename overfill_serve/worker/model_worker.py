@@ -22,6 +22,7 @@ from overfill_serve.engine.sampler import Sampler
 from overfill_serve.errors import InvalidRequestError, OverfillError, PreemptedError
 from overfill_serve.kv.block_pool import BlockPool
 from overfill_serve.kv.paged_cache import PagedKVCache
+from overfill_serve.kv.swap_space import SwapSpace
 from overfill_serve.model.loader import load_model, parse_dtype
 from overfill_serve.request import Request
 from overfill_serve.sampling_params import SamplingParams
@@ -43,6 +44,7 @@ class ModelWorker:
         num_kv_blocks: int = 1024,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
+        num_swap_blocks: int = 0,
         name: str = "worker",
     ) -> None:
         self.model_dir = Path(model_dir)
@@ -67,8 +69,11 @@ class ModelWorker:
         self.prefill_engine = PrefillEngine(
             self.runner, self.pool, self.sampler, self.output, max_num_batched_tokens, max_num_seqs
         )
+        # A preempted decode swaps its KV to host memory when it has room: for a remote request that
+        # saves a trip back to the prefill pool.
+        swap = SwapSpace(self.cache, num_swap_blocks) if num_swap_blocks else None
         self.decode_engine = DecodeEngine(
-            self.runner, self.pool, self.sampler, self.output, self._preempted, max_num_seqs
+            self.runner, self.pool, self.sampler, self.output, self._preempted, max_num_seqs, swap
         )
         self.loop = EngineLoop(f"{name}-engine", self._step, self._crash)
         self._streams: dict[str, OutputStream] = {}  # engine thread only
@@ -87,7 +92,9 @@ class ModelWorker:
         return {
             "free_blocks": self.pool.num_free,
             "total_blocks": self.pool.num_blocks,
-            "waiting": len(self.prefill_engine.waiting) + len(self.decode_engine.waiting),
+            "waiting": len(self.prefill_engine.waiting)
+            + len(self.decode_engine.waiting)
+            + len(self.decode_engine.swapped),
             "running": len(self.prefill_engine.running) + len(self.decode_engine.running),
             "finished": self.num_finished,
         }
