@@ -179,13 +179,15 @@ def test_unsatisfiable_pool_is_reported_and_the_rest_serves(cluster, pairs):
         [prefill] = replica_stats("nob200", "PrefillServer")
         assert prefill["node_id"] == prefill_node and prefill["free_blocks"] == prefill["total_blocks"]
 
-        # and the operator finds the reason in the router's log, not a replica silently STARTING
-        logs = {Path(node.get_logs_dir_path()) / "serve" for node in c.list_all_nodes()}  # wherever it runs
+        # and the operator finds the reason in the router's output (what `serve run` prints, the worker's
+        # stderr in the node's logs), not a replica silently STARTING
+        logs = {Path(node.get_logs_dir_path()) for node in c.list_all_nodes()}  # wherever the router runs
         lines = [
             line
             for d in logs
-            for f in d.glob("replica_nob200_Router_*.log")
-            for line in f.read_text().splitlines()
+            for f in d.rglob("*")
+            if f.is_file() and f.suffix in (".log", ".err")
+            for line in f.read_text(errors="replace").splitlines()
             if "cannot be placed" in line
         ]
         assert any(

@@ -112,14 +112,16 @@ class DecodeEngine(StageEngine):
 
     def _swap_in(self) -> None:
         """Bring swapped requests back, oldest first, while their blocks fit."""
-        assert self.swap is not None or not self.swapped
+        swap = self.swap
+        if swap is None:
+            return
         while self.swapped and len(self.running) < self.max_num_seqs:
             request = self.swapped[0]
-            blocks = self.pool.allocate(self.swap.blocks_of(request.request_id))  # type: ignore[union-attr]
+            blocks = self.pool.allocate(swap.blocks_of(request.request_id))
             if blocks is None:
                 return
             self.swapped.popleft()
-            self.swap.swap_in(request.request_id, blocks)  # type: ignore[union-attr]
+            swap.swap_in(request.request_id, blocks)
             request.block_table = blocks
             request.mark(RequestStatus.DECODING)
             bisect.insort(self.running, request, key=_arrival)  # the newest stays the next victim
