@@ -71,7 +71,23 @@ class PagedKVCache:
         index = torch.tensor(block_ids, dtype=torch.long, device=self.tensor.device)
         self.tensor[layer].index_copy_(1, index, data.to(self.tensor.device))
 
-    def write_block_bytes(self, layer: int, block_ids: list[int], payload: bytes) -> None:
+    def block_bytes_parts(self, layer: int, block_ids: list[int]) -> list[memoryview]:
+        """One layer's blocks as raw bytes (K blocks, then V blocks), the inverse of `write_block_bytes`. On
+        CPU: views of the pool itself, one per run of consecutive block ids, so a reader copies them once;
+        elsewhere: one host copy."""
+        if self.tensor.device.type != "cpu":
+            host = self.read_blocks(layer, block_ids).cpu().contiguous()
+            return [host.view(-1).view(torch.uint8).numpy().data]
+        runs: list[tuple[int, int]] = []
+        for block in block_ids:
+            if runs and runs[-1][1] == block:
+                runs[-1] = (runs[-1][0], block + 1)
+            else:
+                runs.append((block, block + 1))
+        pool = self._bytes_view()
+        return [pool[layer, kind, start:stop].data.cast("B") for kind in (0, 1) for start, stop in runs]
+
+    def write_block_bytes(self, layer: int, block_ids: list[int], payload: bytes | memoryview) -> None:
         """`write_blocks` from raw bytes (K blocks, then V blocks), as the gRPC channel receives them."""
         n = len(block_ids)
         if self.tensor.device.type == "cpu":

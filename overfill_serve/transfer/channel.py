@@ -63,6 +63,10 @@ class KVChannel:
         ]
         self.grpc_channel = grpc.insecure_channel(address, options=opts)
         self.stub = pb_grpc.KVTransferStub(self.grpc_channel)
+        # Pull's responses arrive as bytes, decoded by hand (chunk.py: no copy of the payload on the way).
+        self.pull_raw = self.grpc_channel.unary_stream(
+            "/overfill.v1.KVTransfer/Pull", request_serializer=pb.PullRequest.SerializeToString
+        )
         self.metadata: tuple[tuple[str, str], ...] = ()
         self.remote_layout: KVLayout | None = None
 

@@ -1,4 +1,6 @@
-"""`ChunkHeader`: the msgpack header of a gRPC KV chunk, and the receiver's checks on every chunk.
+"""`ChunkHeader`: the msgpack header of a gRPC KV chunk, the receiver's checks on every chunk, and the
+`KVChunk` message's wire form, which both ends build and read by hand so a chunk's payload is copied once
+(from the pool into the message) rather than through protobuf objects on either side.
 
 A chunk carries one layer's run of consecutive blocks of a transfer (block indices count within the
 transfer, never raw pool ids): the K blocks, then the V blocks. The receiver checks everything against what it
@@ -9,6 +11,7 @@ checksum — before a byte is written.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,7 +35,7 @@ class ChunkHeader:
         return msgpack.packb(asdict(self))
 
     @classmethod
-    def decode(cls, data: bytes) -> ChunkHeader:
+    def decode(cls, data: bytes | memoryview) -> ChunkHeader:
         try:
             raw: Any = msgpack.unpackb(data)
         except Exception as e:  # msgpack raises several unrelated types on garbage
@@ -47,14 +50,65 @@ class ChunkHeader:
 
 
 def make_chunk(
-    transfer_id: str, layer: int, block_start: int, block_count: int, payload: bytes
+    transfer_id: str, layer: int, block_start: int, block_count: int, payload: Sequence[memoryview] | bytes
 ) -> ChunkHeader:
-    return ChunkHeader(transfer_id, layer, block_start, block_count, len(payload), zlib.crc32(payload))
+    """The header for a payload given whole or as parts (a run of pool blocks each, K runs then V runs)."""
+    parts = [payload] if isinstance(payload, bytes) else payload
+    crc, nbytes = 0, 0
+    for part in parts:
+        crc, nbytes = zlib.crc32(part, crc), nbytes + memoryview(part).nbytes
+    return ChunkHeader(transfer_id, layer, block_start, block_count, nbytes, crc)
+
+
+# -- the KVChunk message on the wire (protos/overfill/v1/kv_transfer.proto: header = 1, payload = 2, done = 3)
+_HEADER_TAG, _PAYLOAD_TAG, _DONE_TAG = b"\x0a", b"\x12", b"\x1a"  # field number << 3 | 2 (length-delimited)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_chunk_message(header: bytes, payload: Sequence[memoryview] | bytes) -> bytes:
+    """A `KVChunk` with header and payload, serialized: the payload parts are copied once, into it."""
+    parts = [payload] if isinstance(payload, bytes) else payload
+    size = sum(memoryview(p).nbytes for p in parts)
+    return b"".join((_HEADER_TAG, _varint(len(header)), header, _PAYLOAD_TAG, _varint(size), *parts))
+
+
+def decode_chunk_message(data: bytes) -> tuple[memoryview, memoryview, bytes | None]:
+    """(header, payload, done) of a serialized `KVChunk`; header and payload are views into `data`, `done`
+    the serialized `Completion` of the last message (else None). Raises `ChunkError` on anything else."""
+    view, pos, fields = memoryview(data), 0, {}
+    while pos < len(view):
+        tag = bytes(view[pos : pos + 1])
+        length, shift, pos = 0, 0, pos + 1
+        while True:
+            if pos >= len(view) or shift > 35:
+                raise ChunkError("malformed KV chunk message")
+            byte = view[pos]
+            length, shift, pos = length | (byte & 0x7F) << shift, shift + 7, pos + 1
+            if byte < 0x80:
+                break
+        if tag not in (_HEADER_TAG, _PAYLOAD_TAG, _DONE_TAG) or pos + length > len(view):
+            raise ChunkError("malformed KV chunk message")
+        fields[tag], pos = view[pos : pos + length], pos + length
+    done = fields.get(_DONE_TAG)
+    empty = memoryview(b"")
+    return (
+        fields.get(_HEADER_TAG, empty),
+        fields.get(_PAYLOAD_TAG, empty),
+        None if done is None else bytes(done),
+    )
 
 
 def check_chunk(
     header: ChunkHeader,
-    payload: bytes,
+    payload: bytes | memoryview,
     *,
     transfer_id: str,
     layers: frozenset[int],

@@ -9,7 +9,7 @@ import grpc
 
 from overfill_serve._proto.overfill.v1 import kv_transfer_pb2 as pb
 from overfill_serve.errors import ChunkError
-from overfill_serve.transfer.chunk import ChunkHeader, check_chunk
+from overfill_serve.transfer.chunk import ChunkHeader, check_chunk, decode_chunk_message
 from overfill_serve.transfer.status import error_from_rpc
 from overfill_serve.transfer.transport import KVTransport, Received, completion_from_pb
 
@@ -28,21 +28,21 @@ class GrpcStreamTransport(KVTransport):
         local = {teacher_layer: j for j, teacher_layer in enumerate(layout.kept_layers)}
         received: dict[int, set[int]] = {layer: set() for layer in local}
         nbytes, first_byte_at = 0, 0.0
-        stream = channel.stub.Pull(
+        stream = channel.pull_raw(
             pb.PullRequest(transfer_id=transfer_id, max_chunk_bytes=config.chunk_bytes),
             metadata=channel.metadata,
             timeout=config.timeout_seconds,
         )
         try:
-            for msg in stream:
-                if msg.HasField("done"):
+            for data in stream:
+                raw_header, payload, done = decode_chunk_message(data)  # views into `data`: no copies
+                if done is not None:
                     missing = sum(len(dest_blocks) - len(got) for got in received.values())
                     if missing:
                         raise ChunkError(f"transfer {transfer_id} completed with {missing} blocks never sent")
-                    completion = completion_from_pb(msg.done, num_tokens)
+                    completion = completion_from_pb(pb.Completion.FromString(done), num_tokens)
                     return Received(completion, nbytes, first_byte_at)
-                header = ChunkHeader.decode(msg.header)
-                payload = msg.payload  # each access to a bytes field makes a copy: take it once
+                header = ChunkHeader.decode(raw_header)
                 check_chunk(
                     header,
                     payload,

@@ -16,7 +16,6 @@ from typing import Any
 
 import grpc
 import msgpack
-import torch
 
 from overfill_serve._proto.overfill.v1 import kv_transfer_pb2 as pb
 from overfill_serve._proto.overfill.v1 import kv_transfer_pb2_grpc as pb_grpc
@@ -24,7 +23,7 @@ from overfill_serve.errors import LayoutMismatchError, TransferError
 from overfill_serve.kv.paged_cache import PagedKVCache
 from overfill_serve.model.spec import KVLayout
 from overfill_serve.transfer import auth
-from overfill_serve.transfer.chunk import make_chunk
+from overfill_serve.transfer.chunk import encode_chunk_message, make_chunk
 from overfill_serve.transfer.config import SESSION_KEY, TransferConfig
 from overfill_serve.transfer.registry import Completion, TransferRegistry
 from overfill_serve.transfer.status import status_of
@@ -139,7 +138,9 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         return pb.Ack()
 
     # -- data plane ----------------------------------------------------------------------------------------
-    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.KVChunk]:
+    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Serialized `KVChunk`s (see `KVTransferServer`: Pull's responses go out as bytes, built here with
+        one copy of each run of blocks)."""
         session = self._session(context)
         tid, timeout = request.transfer_id, self.config.timeout_seconds
         chunk_bytes = min(request.max_chunk_bytes or self.config.chunk_bytes, self.config.chunk_bytes)
@@ -150,16 +151,15 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
             blocks = list(transfer.block_ids)
             for start in range(0, len(blocks), per_chunk):
                 run = blocks[start : start + per_chunk]
-                payload = (
-                    self.cache.read_blocks(layer, run).cpu().view(-1).view(torch.uint8).numpy().tobytes()
-                )
-                header = make_chunk(tid, layer, start, len(run), payload).encode()
+                parts = self.cache.block_bytes_parts(layer, run)
+                header = make_chunk(tid, layer, start, len(run), parts).encode()
+                payload: list[memoryview] | bytes = parts
                 if self.chunk_filter is not None:
-                    header, payload = self.chunk_filter(header, payload)
-                yield pb.KVChunk(header=header, payload=payload)
+                    header, payload = self.chunk_filter(header, b"".join(parts))
+                yield encode_chunk_message(header, payload)
         completion = self._call(context, self.registry.wait_complete, tid, timeout)
         complete.set()
-        yield pb.KVChunk(done=completion_to_pb(completion))
+        yield pb.KVChunk(done=completion_to_pb(completion)).SerializeToString()
 
     def Describe(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.LayerReady]:
         session = self._session(context)
@@ -208,6 +208,22 @@ def check_kept(kept: tuple[int, ...], num_teacher_layers: int) -> list[str]:
     return []
 
 
+class _PullAsBytes:
+    """The generated registration, passed to the real server with `Pull`'s responses sent as the bytes the
+    servicer built (no protobuf object or re-serialization on the data path)."""
+
+    def __init__(self, server: grpc.Server) -> None:
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # rebuilt below from the same method table
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        handlers = {**handlers, "Pull": handlers["Pull"]._replace(response_serializer=None)}
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        self.server.add_registered_method_handlers(service, handlers)
+
+
 class KVTransferServer:
     """Owns the grpc.Server, and a sweeper thread that expires leases."""
 
@@ -218,7 +234,7 @@ class KVTransferServer:
             ("grpc.max_receive_message_length", config.max_message_bytes),
         ]
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers), options=opts)
-        pb_grpc.add_KVTransferServicer_to_server(servicer, self.server)
+        pb_grpc.add_KVTransferServicer_to_server(servicer, _PullAsBytes(self.server))
         self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep, name="kv-lease-sweeper", daemon=True)
