@@ -47,6 +47,7 @@ serve-pruned: install
 bench: install
 	$(PY) benchmarks/offline_throughput.py
 	$(PY) benchmarks/kv_transfer.py
+	$(PY) benchmarks/preemption.py
 
 protos: install
 	$(PY) scripts/gen_protos.py
