@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,20 @@ def load_app_config(path: Path = CONFIG) -> tuple[dict[str, Any], dict[str, Any]
     """(the whole Serve config, its first application)."""
     config = yaml.safe_load(path.read_text())
     return config, config["applications"][0]
+
+
+def post_json(path: str, body: dict[str, Any], timeout: float = 120) -> tuple[int, dict[str, Any]]:
+    conn = http.client.HTTPConnection("127.0.0.1", HTTP_PORT, timeout=timeout)
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def completion(body: dict[str, Any], timeout: float = 120) -> tuple[int, str]:
+    """(status, the completion's text) of POST /v1/completions; on an error the start of its JSON instead,
+    so a failed comparison shows why."""
+    status, payload = post_json("/v1/completions", body, timeout)
+    return status, payload.get("choices", [{}])[0].get("text") or str(payload)[:300]
 
 
 def quiet_ray_env() -> None:

@@ -4,8 +4,6 @@ take traffic, and every request of the burst completes with the offline output."
 
 from __future__ import annotations
 
-import http.client
-import json
 import threading
 import time
 from types import SimpleNamespace
@@ -89,7 +87,7 @@ def _burst_scales_one_pool(
     """Run a burst (4 clients x `per_client` requests) against `app`; assert the deployment went 1 -> 2 -> 1, both of
     its replicas did some of the work, and every response equals the offline engine's."""
     from ray import serve
-    from serve_harness import HTTP_PORT, load_app_config, replica_stats, run_app, start_ray
+    from serve_harness import completion, load_app_config, replica_stats, run_app, start_ray
     from serve_harness import wait_until as wait
 
     from overfill_serve import LLM
@@ -105,26 +103,18 @@ def _burst_scales_one_pool(
 
         llm = LLM(pair.teacher, pair.student, num_kv_blocks=256, block_size=4)
         want = llm.generate(prompt, params)[0].text
-        body = json.dumps(
-            {
-                "model": app,
-                "prompt": prompt,
-                "max_tokens": params.max_tokens,
-                "temperature": 0,
-                "ignore_eos": True,
-            }
-        )
+        body = {
+            "model": app,
+            "prompt": prompt,
+            "max_tokens": params.max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
         results: list[tuple[int, str]] = []  # checked here: an assert in a thread would not fail the test
 
         def client() -> None:
             for _ in range(per_client):
-                conn = http.client.HTTPConnection("127.0.0.1", HTTP_PORT, timeout=120)
-                conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-                response = conn.getresponse()
-                payload = json.loads(response.read())
-                results.append(
-                    (response.status, payload.get("choices", [{}])[0].get("text") or str(payload)[:300])
-                )
+                results.append(completion(body))
 
         assert running_replicas() == 1
         threads = [threading.Thread(target=client) for _ in range(4)]

@@ -4,14 +4,12 @@ the prefill pool (each prompt is prefilled exactly once)."""
 
 from __future__ import annotations
 
-import http.client
-import json
 import threading
 
 import pytest
 
 pytest.importorskip("ray")
-from serve_harness import HTTP_PORT, load_app_config, replica_stats, run_app, start_ray
+from serve_harness import completion, load_app_config, replica_stats, run_app, start_ray
 
 from overfill_serve import LLM, SamplingParams
 
@@ -43,13 +41,8 @@ def test_squeezed_decode_pool_swaps_and_loses_nothing(pairs):
         results: dict[int, tuple[int, str]] = {}
 
         def complete(i: int) -> None:
-            body = {"model": "squeeze", "prompt": PROMPTS[i], "max_tokens": MAX_TOKENS, "temperature": 0,
-                    "ignore_eos": True}  # fmt: skip
-            conn = http.client.HTTPConnection("127.0.0.1", HTTP_PORT, timeout=120)
-            conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-            response = conn.getresponse()
-            payload = json.loads(response.read())
-            results[i] = (response.status, payload.get("choices", [{}])[0].get("text") or str(payload)[:300])
+            body = {"model": "squeeze", "prompt": PROMPTS[i], "max_tokens": MAX_TOKENS, "temperature": 0}
+            results[i] = completion({**body, "ignore_eos": True})
 
         threads = [threading.Thread(target=complete, args=(i,)) for i in range(len(PROMPTS))]
         for t in threads:

@@ -19,6 +19,7 @@ from serve_harness import (
     GRPC_PORT,
     HTTP_PORT,
     load_app_config,
+    post_json,
     quiet_ray_env,
     replica_stats,
     run_app,
@@ -75,13 +76,6 @@ def _pools(decode_actor_options: dict) -> dict:
     }
 
 
-def _post(path: str, body: dict) -> tuple[int, dict]:
-    conn = http.client.HTTPConnection("127.0.0.1", HTTP_PORT, timeout=120)
-    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
-    response = conn.getresponse()
-    return response.status, json.loads(response.read())
-
-
 def _get(path: str) -> dict:
     conn = http.client.HTTPConnection("127.0.0.1", HTTP_PORT, timeout=30)
     conn.request("GET", path)
@@ -89,7 +83,7 @@ def _get(path: str) -> dict:
 
 
 def _complete(model: str, prompt: list[int]) -> tuple[int, dict]:
-    return _post(
+    return post_json(
         "/v1/completions",
         {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True},
     )

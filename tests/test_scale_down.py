@@ -6,15 +6,13 @@ are served by the replicas that remain."""
 
 from __future__ import annotations
 
-import http.client
-import json
 import threading
 import time
 
 import pytest
 
 pytest.importorskip("ray")
-from serve_harness import HTTP_PORT, deploy_config, load_app_config, replica_stats, start_ray, wait_until
+from serve_harness import completion, deploy_config, load_app_config, replica_stats, start_ray, wait_until
 
 from overfill_serve import LLM, SamplingParams
 
@@ -34,11 +32,7 @@ def _complete(prompt: list[int], results: dict[int, tuple[int, str]], key: int) 
         "temperature": 0,
         "ignore_eos": True,
     }
-    conn = http.client.HTTPConnection("127.0.0.1", HTTP_PORT, timeout=180)
-    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-    response = conn.getresponse()
-    payload = json.loads(response.read())
-    results[key] = (response.status, payload.get("choices", [{}])[0].get("text") or str(payload)[:300])
+    results[key] = completion(body, timeout=180)
 
 
 @pytest.mark.parametrize("decode_grace_s, migrates", [(60.0, False), (0.5, True)], ids=["finish", "migrate"])
