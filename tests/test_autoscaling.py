@@ -32,6 +32,22 @@ def test_desired_replicas_by_role():
     assert desired_replicas("prefill", [{"queued_prompt_tokens": 10**6}], TARGETS, 1, 4) == 4
 
 
+def test_latency_targets_scale_like_work():
+    targets = {**TARGETS, "ttft_s": 0.5, "tpot_s": 0.05}
+    # a short queue, but one replica's TTFT is 3x its target and the other's on target: 3 + 1 -> 4
+    prefill = [{"queued_prompt_tokens": 10, "ttft_s": 1.5}, {"queued_prompt_tokens": 0, "ttft_s": 0.5}]
+    assert desired_replicas("prefill", prefill, targets, 1, 8) == 4
+    decode = [{"kv_utilization": 0.1, "running": 1, "tpot_s": 0.12}]
+    assert desired_replicas("decode", decode, targets, 1, 8) == 3
+    # without latency targets the same replicas ask for no more than their work
+    assert desired_replicas("prefill", prefill, TARGETS, 1, 8) == 1
+    assert desired_replicas("decode", decode, TARGETS, 1, 8) == 1
+    assert RoleAutoscaler("decode", tpot_s=0.05).targets["tpot_s"] == 0.05
+    assert "ttft_s" not in RoleAutoscaler("prefill").targets
+    with pytest.raises(ModelConfigError, match="positive"):
+        RoleAutoscaler("prefill", ttft_s=0)
+
+
 def _ctx(metrics, current, state=None, now=0.0):
     return SimpleNamespace(
         aggregated_metrics=metrics,

@@ -14,6 +14,7 @@ from overfill_serve import LLM, SamplingParams
 from overfill_serve.errors import InvalidRequestError, PreemptedError
 from overfill_serve.transfer.config import TransferConfig
 from overfill_serve.worker.decode_worker import DecodeWorker
+from overfill_serve.worker.latency_window import LatencyWindow
 from overfill_serve.worker.prefill_worker import PrefillWorker
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -145,3 +146,30 @@ def test_remote_request_preempted_with_swap_stays_on_the_decode_worker(pairs):
         prefill.stop()
         decode.stop()
     assert decode.stats()["free_blocks"] == 30
+
+
+def test_latency_window_forgets_old_samples():
+    window = LatencyWindow(window_s=10)
+    window.add(0.2, now=100.0)
+    window.add(0.4, now=105.0)
+    assert window.mean(now=106.0) == pytest.approx(0.3)
+    assert window.mean(now=112.0) == pytest.approx(0.4)  # the first sample left the window
+    assert window.mean(now=116.0) == 0.0  # idle: nothing recent, not a stale figure
+
+
+def test_workers_report_recent_ttft_and_tpot(pairs):
+    pair = pairs["width"]
+    config = TransferConfig()
+    prefill = PrefillWorker(pair.teacher, transfer=config, block_size=4, num_kv_blocks=64).start()
+    decode = DecodeWorker(pair.student, transfer=config, block_size=4, num_kv_blocks=64).start()
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    try:
+        assert prefill.stats()["ttft_s"] == 0.0 and decode.stats()["tpot_s"] == 0.0
+        start = time.perf_counter()
+        assert len(_tokens(decode.generate_from(prefill.submit(PROMPTS[0], params), PROMPTS[0], params))) == 8
+        elapsed = time.perf_counter() - start
+        assert 0 < prefill.stats()["ttft_s"] < elapsed
+        assert 0 < decode.stats()["tpot_s"] < elapsed / 4  # 7 decode steps for 8 tokens
+    finally:
+        prefill.stop()
+        decode.stop()

@@ -1,7 +1,9 @@
 """Role-aware autoscaling: each pool scales on what limits it.
 
-- prefill replicas on queued prompt tokens (compute-bound work waiting for the teacher);
-- decode replicas on KV-block utilisation and running sequences (memory-bound work on the student).
+- prefill replicas on queued prompt tokens (compute-bound work waiting for the teacher), and optionally on
+  recent TTFT against a target;
+- decode replicas on KV-block utilisation and running sequences (memory-bound work on the student), and
+  optionally on recent TPOT against a target.
 
 `desired_replicas` is the pure decision; `RoleAutoscaler` adapts it to Ray Serve's custom autoscaling policy
 interface (a class-callable policy, built once with `policy_kwargs`, called with an `AutoscalingContext`),
@@ -23,13 +25,13 @@ ROLES = ("prefill", "decode")
 
 
 def replica_load(role: str, stats: Mapping[str, float], targets: Mapping[str, float]) -> float:
-    """One replica's load in units of "a replica's worth of work" (1.0 = at target)."""
-    if role == "prefill":
-        return stats.get("queued_prompt_tokens", 0.0) / targets["queued_prompt_tokens"]
-    return max(
-        stats.get("kv_utilization", 0.0) / targets["kv_utilization"],
-        stats.get("running", 0.0) / targets["running"],
+    """One replica's load in units of "a replica's worth of work" (1.0 = at target): the tightest of its
+    role's signals. A latency over its target counts like work over target (latency x replicas / target is
+    the usual proportional rule); latency targets are optional (absent from `targets`: not used)."""
+    signals = (
+        ("queued_prompt_tokens", "ttft_s") if role == "prefill" else ("kv_utilization", "running", "tpot_s")
     )
+    return max(stats.get(name, 0.0) / targets[name] for name in signals if name in targets)
 
 
 def desired_replicas(
@@ -46,7 +48,8 @@ def desired_replicas(
 
 class RoleAutoscaler:
     """`autoscaling_config.policy: {policy_function: overfill_serve.serve.autoscaling:RoleAutoscaler,
-    policy_kwargs: {role: decode, kv_utilization: 0.7, running: 24, downscale_delay_s: 30}}`."""
+    policy_kwargs: {role: decode, kv_utilization: 0.7, running: 24, tpot_s: 0.05, downscale_delay_s: 30}}`.
+    `ttft_s` (prefill) and `tpot_s` (decode) are optional latency targets in seconds."""
 
     def __init__(
         self,
@@ -54,6 +57,8 @@ class RoleAutoscaler:
         queued_prompt_tokens: float = 4096,
         kv_utilization: float = 0.7,
         running: float = 32,
+        ttft_s: float | None = None,
+        tpot_s: float | None = None,
         downscale_delay_s: float = 30.0,
     ) -> None:
         if role not in ROLES:
@@ -63,6 +68,8 @@ class RoleAutoscaler:
             "queued_prompt_tokens": queued_prompt_tokens,
             "kv_utilization": kv_utilization,
             "running": running,
+            **({"ttft_s": ttft_s} if ttft_s is not None else {}),
+            **({"tpot_s": tpot_s} if tpot_s is not None else {}),
         }
         if min(self.targets.values()) <= 0:
             raise ModelConfigError(f"autoscaling targets must be positive, got {self.targets}")

@@ -64,6 +64,8 @@ class _ModelServer:
             "queued_prompt_tokens": float(stats.get("queued_prompt_tokens", 0)),
             "kv_utilization": 1.0 - stats["free_blocks"] / stats["total_blocks"],
             "running": float(stats["running"] + stats["waiting"]),
+            "ttft_s": float(stats.get("ttft_s", 0.0)),
+            "tpot_s": float(stats["tpot_s"]),
         }
 
     def record_routing_stats(self) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from overfill_serve.request import Request
 from overfill_serve.sampling_params import SamplingParams
 from overfill_serve.tokenizer import load_tokenizer
 from overfill_serve.worker.engine_loop import EngineLoop
+from overfill_serve.worker.latency_window import LatencyWindow
 from overfill_serve.worker.output_stream import END, OutputStream
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,8 @@ class ModelWorker:
         self._local: set[str] = set()  # requests whose prompt KV this model computes: re-prefillable here
         self._ids = itertools.count()
         self.num_finished = 0  # requests this worker's engine ran to the end
+        self.tpot = LatencyWindow()  # time between decode steps while requests decode: their TPOT
+        self._last_decode_at: float | None = None
 
     def start(self) -> ModelWorker:
         self.loop.start()
@@ -88,7 +92,7 @@ class ModelWorker:
     def stop(self) -> None:
         self.loop.stop()
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         return {
             "free_blocks": self.pool.num_free,
             "total_blocks": self.pool.num_blocks,
@@ -97,6 +101,7 @@ class ModelWorker:
             + len(self.decode_engine.swapped),
             "running": len(self.prefill_engine.running) + len(self.decode_engine.running),
             "finished": self.num_finished,
+            "tpot_s": self.tpot.mean(),
         }
 
     # -- local generation ----------------------------------------------------------------------------------
@@ -197,7 +202,13 @@ class ModelWorker:
         if self.decode_engine.has_work():
             for out in self.decode_engine.step():
                 self._emit(out)
+            now = time.perf_counter()
+            if self._last_decode_at is not None:
+                self.tpot.add(now - self._last_decode_at)
+            self._last_decode_at = now if self.decode_engine.running else None
             worked = True
+        else:
+            self._last_decode_at = None
         return worked
 
     def _step_more(self) -> bool:

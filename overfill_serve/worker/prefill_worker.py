@@ -8,6 +8,7 @@ prefill. As a `ModelWorker` it also generates locally with the teacher alone (th
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,13 @@ from typing import Any
 from overfill_serve.engine.batch import Batch
 from overfill_serve.engine.prefill import PrefillEngine
 from overfill_serve.model.spec import KVLayout
+from overfill_serve.request import RequestStatus
 from overfill_serve.sampling_params import SamplingParams
 from overfill_serve.transfer import auth
 from overfill_serve.transfer.config import TransferConfig
 from overfill_serve.transfer.registry import Completion, TransferRegistry
 from overfill_serve.transfer.server import KVTransferServer, KVTransferServicer
+from overfill_serve.worker.latency_window import LatencyWindow
 from overfill_serve.worker.model_worker import ModelWorker
 
 
@@ -69,6 +72,7 @@ class PrefillWorker(ModelWorker):
         self.server = KVTransferServer(servicer, transfer)
         self._transfer_of: dict[str, tuple[str, int]] = {}  # request id -> (transfer id, prompt length)
         self.num_prefilled = 0  # remote prefills handed over
+        self.ttft = LatencyWindow()  # submit -> first token and KV ready, for remote prefills
 
     @property
     def address(self) -> str:
@@ -111,10 +115,11 @@ class PrefillWorker(ModelWorker):
     def abort_transfer(self, transfer_id: str, reason: str = "aborted by the prefill side") -> None:
         self.registry.abort(transfer_id, reason)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         stats = super().stats()
         stats["open_transfers"] = self.registry.num_open
         stats["prefilled"] = self.num_prefilled
+        stats["ttft_s"] = self.ttft.mean()
         stats["waiting"] += len(self.remote_engine.waiting)
         stats["running"] += len(self.remote_engine.running)
         stats["queued_prompt_tokens"] = sum(
@@ -130,6 +135,7 @@ class PrefillWorker(ModelWorker):
         result = self.remote_engine.step()
         for request in result.handed_over:
             self.num_prefilled += 1
+            self.ttft.add(time.perf_counter() - request.timeline[RequestStatus.RECEIVED.value])
             transfer_id, _ = self._transfer_of.pop(request.request_id)
             logprob = request.output_logprobs[0] if request.output_logprobs else None
             self.registry.complete(
