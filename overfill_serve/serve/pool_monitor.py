@@ -49,7 +49,7 @@ def read_pools(app_name: str) -> dict[str, PoolStatus]:
     from ray.serve.context import _get_global_client
 
     client = _get_global_client()
-    assert client is not None  # raises when Serve is not running, rather than returning None
+    assert client is not None  # typed Optional; inside a replica of a running app there is always one
     controller = client._controller
     details = ray.get(controller.get_serve_instance_details.remote(), timeout=READ_TIMEOUT_S)
     deployments = details["applications"][app_name]["deployments"]
