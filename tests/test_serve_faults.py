@@ -205,6 +205,7 @@ def test_prometheus_metrics_exported(served):
         "ray_overfill_e2e_seconds_bucket",
         "ray_overfill_generation_tokens_total",
         "ray_overfill_kv_blocks_free",
+        "ray_overfill_swapped_requests",
         "ray_overfill_kv_transfer_bytes_total",
     }
     lines: list[str] = []

@@ -1,7 +1,7 @@
 """Prometheus metrics of the deployments (exported by Ray's metrics agent, like every Ray Serve metric).
 
-Replicas report KV-pool occupancy, queue depth and KV-transfer volume; the router reports per-request
-latencies (TTFT, time per output token, end to end) and token counts, by mode and pair.
+Replicas report KV-pool occupancy, queue depth, swapped-out requests and KV-transfer volume; the router
+reports per-request latencies (TTFT, time per output token, end to end) and token counts, by mode and pair.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ class ReplicaMetrics:
         self.running = metrics.Gauge(
             "overfill_running_requests", "requests running in the engine", tag_keys=tags
         )
+        self.swapped = metrics.Gauge(
+            "overfill_swapped_requests", "preempted requests whose KV waits in host memory", tag_keys=tags
+        )
         self.transfer_bytes = metrics.Counter(
             "overfill_kv_transfer_bytes", "KV bytes received", tag_keys=("role", "backend")
         )
@@ -38,6 +41,7 @@ class ReplicaMetrics:
             self.blocks_free,
             self.waiting,
             self.running,
+            self.swapped,
             self.transfer_bytes,
             self.transfer_seconds,
         ):
@@ -48,6 +52,7 @@ class ReplicaMetrics:
         self.blocks_free.set(stats["free_blocks"])
         self.waiting.set(stats["waiting"])
         self.running.set(stats["running"])
+        self.swapped.set(stats["swapped"])
 
     def observe_transfer(self, stats: TransferStats) -> None:
         tags = {"backend": stats.backend}

@@ -100,6 +100,7 @@ class ModelWorker:
             + len(self.decode_engine.waiting)
             + len(self.decode_engine.swapped),
             "running": len(self.prefill_engine.running) + len(self.decode_engine.running),
+            "swapped": len(self.decode_engine.swapped),  # also counted in "waiting"
             "finished": self.num_finished,
             "tpot_s": self.tpot.mean(),
         }
