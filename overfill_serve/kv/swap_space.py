@@ -28,8 +28,8 @@ class SwapSpace:
         assert request_id not in self._saved and self.can_hold(len(block_ids))
         index = torch.tensor(block_ids, dtype=torch.long, device=self.cache.tensor.device)
         data = self.cache.tensor.index_select(2, index)
-        if data.is_cuda:  # pinned host memory: the copy back is a DMA, not a pageable staging copy
-            data = data.to("cpu").pin_memory()
+        if data.is_cuda:  # straight into pinned host memory: both copies are DMAs, no pageable staging
+            data = torch.empty(data.shape, dtype=data.dtype, pin_memory=True).copy_(data)
         self._saved[request_id] = data
         self.num_used += len(block_ids)
 
