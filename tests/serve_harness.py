@@ -22,6 +22,17 @@ def load_app_config(path: Path = CONFIG) -> tuple[dict[str, Any], dict[str, Any]
     return config, config["applications"][0]
 
 
+def pair_args(pair: Any, app: str, **overrides: Any) -> dict[str, Any]:
+    """Application args serving a test pair (tests/conftest.py) under the model name `app`, block size 4."""
+    return {
+        "pair_name": app,
+        "prefill_model": str(pair.teacher),
+        "decode_model": str(pair.student),
+        "block_size": 4,
+        **overrides,
+    }
+
+
 def post_json(path: str, body: dict[str, Any], timeout: float = 120) -> tuple[int, dict[str, Any]]:
     conn = http.client.HTTPConnection("127.0.0.1", HTTP_PORT, timeout=timeout)
     conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})

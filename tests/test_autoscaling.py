@@ -158,15 +158,9 @@ def _burst_scales_one_pool(
 
 
 def _args(pair, app: str, **overrides) -> dict:
-    return {
-        "pair_name": app,
-        "prefill_model": str(pair.teacher),
-        "decode_model": str(pair.student),
-        "block_size": 4,
-        "prefill_kv_blocks": 256,
-        "decode_kv_blocks": 1024,
-        **overrides,
-    }
+    from serve_harness import pair_args
+
+    return pair_args(pair, app, prefill_kv_blocks=256, decode_kv_blocks=1024, **overrides)
 
 
 def test_decode_pool_scales_with_a_burst(pairs):

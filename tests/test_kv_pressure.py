@@ -9,7 +9,7 @@ import threading
 import pytest
 
 pytest.importorskip("ray")
-from serve_harness import completion, load_app_config, replica_stats, run_app, start_ray
+from serve_harness import completion, load_app_config, pair_args, replica_stats, run_app, start_ray
 
 from overfill_serve import LLM, SamplingParams
 
@@ -21,15 +21,7 @@ def test_squeezed_decode_pool_swaps_and_loses_nothing(pairs):
     from ray import serve
 
     pair = pairs["width"]
-    args = {
-        "pair_name": "squeeze",
-        "prefill_model": str(pair.teacher),
-        "decode_model": str(pair.student),
-        "block_size": 4,
-        "prefill_kv_blocks": 256,
-        "decode_kv_blocks": 64,
-        "decode_swap_blocks": 256,
-    }
+    args = pair_args(pair, "squeeze", prefill_kv_blocks=256, decode_kv_blocks=64, decode_swap_blocks=256)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     want = [
         out.text

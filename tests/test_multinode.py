@@ -19,6 +19,7 @@ from serve_harness import (
     GRPC_PORT,
     HTTP_PORT,
     load_app_config,
+    pair_args,
     post_json,
     quiet_ray_env,
     replica_stats,
@@ -54,15 +55,7 @@ def cluster():
 
 
 def _args(pair, name: str) -> dict:
-    return {
-        "pair_name": name,
-        "prefill_model": str(pair.teacher),
-        "decode_model": str(pair.student),
-        "block_size": 4,
-        "prefill_kv_blocks": 128,
-        "decode_kv_blocks": 128,
-        "pool_check_period_s": 0.5,
-    }
+    return pair_args(pair, name, prefill_kv_blocks=128, decode_kv_blocks=128, pool_check_period_s=0.5)
 
 
 def _pools(decode_actor_options: dict) -> dict:

@@ -12,7 +12,15 @@ import time
 import pytest
 
 pytest.importorskip("ray")
-from serve_harness import completion, deploy_config, load_app_config, replica_stats, start_ray, wait_until
+from serve_harness import (
+    completion,
+    deploy_config,
+    load_app_config,
+    pair_args,
+    replica_stats,
+    start_ray,
+    wait_until,
+)
 
 from overfill_serve import LLM, SamplingParams
 
@@ -40,17 +48,13 @@ def test_scale_down_mid_stream_loses_nothing(pairs, decode_grace_s, migrates):
     from ray import serve
 
     pair = pairs["width"]
-    args = {
-        "pair_name": "shrink",
-        "prefill_model": str(pair.teacher),
-        "decode_model": str(pair.student),
-        "block_size": 4,
-        "prefill_kv_blocks": 512,
-        "decode_kv_blocks": 2048,  # four ~1900-token streams on the replica that remains
-        "transfer": {
-            "secret": "scale-down-test-secret"
-        },  # the same args each deploy: a scale, not a new version
-    }
+    args = pair_args(
+        pair,
+        "shrink",
+        prefill_kv_blocks=512,
+        decode_kv_blocks=2048,  # four ~1900-token streams on the replica that remains
+        transfer={"secret": "scale-down-test-secret"},  # the same args each deploy: a scale, not a redeploy
+    )
     llm = LLM(pair.teacher, pair.student, num_kv_blocks=512, block_size=4)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     want = [out.text for out in llm.generate(PROMPTS, params)]

@@ -22,7 +22,7 @@ from overfill_serve.engine.sampler import Sampler
 from overfill_serve.engine.stage import StageEngine, blocks_for
 from overfill_serve.kv.block_pool import BlockPool
 from overfill_serve.kv.swap_space import SwapSpace
-from overfill_serve.request import FinishReason, Request, RequestStatus
+from overfill_serve.request import Request, RequestStatus
 
 
 def _arrival(request: Request) -> float:
@@ -46,17 +46,12 @@ class DecodeEngine(StageEngine):
         self.swap = swap
         self.swapped: deque[Request] = deque()  # KV in the swap space, oldest first
 
-    def has_work(self) -> bool:
-        return bool(self.swapped) or super().has_work()
+    def queues(self) -> tuple[deque[Request] | list[Request], ...]:
+        return (self.waiting, self.running, self.swapped)
 
     def abort(self, request_id: str) -> Request | None:
-        for request in self.swapped:
-            if request.request_id == request_id:
-                self.swapped.remove(request)
-                assert self.swap is not None
-                self.swap.discard(request_id)
-                self._finish(request, RequestStatus.ABORTED, FinishReason.ABORT)
-                return request
+        if self.swap is not None:
+            self.swap.discard(request_id)  # a no-op unless the request is swapped out
         return super().abort(request_id)
 
     def add(self, request: Request) -> None:

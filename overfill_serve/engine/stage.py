@@ -25,12 +25,16 @@ class StageEngine:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
+    def queues(self) -> tuple[deque[Request] | list[Request], ...]:
+        """Every place a request of this engine can be."""
+        return (self.waiting, self.running)
+
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return any(self.queues())
 
     def abort(self, request_id: str) -> Request | None:
         """Drop a request wherever it is in this engine and free its blocks; None if it is not here."""
-        for queue in (self.waiting, self.running):
+        for queue in self.queues():
             for request in queue:
                 if request.request_id == request_id:
                     queue.remove(request)

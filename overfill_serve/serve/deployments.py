@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import ray
 from ray import serve
@@ -82,15 +83,20 @@ class _ModelServer:
             worker.stop()
 
 
-# Scale-down: Serve stops routing to a replica, waits for its requests, then calls `__del__`, all within
-# graceful_shutdown_timeout_s. A prefill replica then serves its open KV transfers (up to a lease); a decode
-# request still running at the deadline migrates to another replica (dispatcher.py).
-@serve.deployment(
-    ray_actor_options={"num_cpus": 0.5},
-    max_ongoing_requests=256,
-    health_check_period_s=5,
-    graceful_shutdown_timeout_s=45,
-)
+# Defaults for both; the config file's `deployments:` section overrides them. Scale-down: Serve stops routing
+# to a replica, waits for its requests, then calls `__del__`, all within graceful_shutdown_timeout_s. A
+# prefill replica then serves its open KV transfers (up to a lease); a decode request still running at the
+# deadline migrates to another replica (dispatcher.py).
+def _model_deployment(graceful_shutdown_timeout_s: float) -> Any:
+    return serve.deployment(
+        ray_actor_options={"num_cpus": 0.5},
+        max_ongoing_requests=256,
+        health_check_period_s=5,
+        graceful_shutdown_timeout_s=graceful_shutdown_timeout_s,
+    )
+
+
+@_model_deployment(graceful_shutdown_timeout_s=45)
 class PrefillServer(_ModelServer):
     worker: PrefillWorker
 
@@ -125,12 +131,7 @@ class PrefillServer(_ModelServer):
         super().__del__()
 
 
-@serve.deployment(
-    ray_actor_options={"num_cpus": 0.5},
-    max_ongoing_requests=256,
-    health_check_period_s=5,
-    graceful_shutdown_timeout_s=60,
-)
+@_model_deployment(graceful_shutdown_timeout_s=60)
 class DecodeServer(_ModelServer):
     worker: DecodeWorker
 
