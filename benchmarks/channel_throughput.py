@@ -71,28 +71,24 @@ def channel_throughput(
     for c in chunk_sizes:
         channels[grpc_name(c)] = KVChannel(
             prefill.address,
-            decode.layout,
-            decode.cache,
             TransferConfig(chunk_bytes=c, timeout_seconds=TIMEOUT),
+            decode.layout,
+            decode.core.cache,
         ).connect()
     nixl_reason: str | None = None
     try:
-        import overfill_serve.transfer.nixl  # noqa: F401
-
         channels["nixl"] = KVChannel(
             prefill.address,
-            decode.layout,
-            decode.cache,
             TransferConfig(backend="nixl", timeout_seconds=TIMEOUT),
+            decode.layout,
+            decode.core.cache,
         ).connect()
-    except ImportError as e:
-        nixl_reason = f"overfill_serve.transfer.nixl does not import: {e}"
     except Exception as e:  # noqa: BLE001 - reported in the table
         nixl_reason = f"NIXL channel failed to connect: {type(e).__name__}: {e}"
 
     def chunk_detail(c: int, n: int) -> str:
         """A chunk carries whole blocks of one layer: the effective payload per message."""
-        block_kv = 2 * decode.cache.block_bytes  # K + V of one block of one layer
+        block_kv = 2 * decode.core.cache.block_bytes  # K + V of one block of one layer
         blocks_per_layer = -(-tokens[n] // KV_BLOCK_SIZE)
         effective = min(max(1, c // block_kv), blocks_per_layer) * block_kv
         return f"chunk_bytes {c / MiB:g} MiB (sends {effective / MiB:g} MiB)"
@@ -109,7 +105,7 @@ def channel_throughput(
                     prompt = [prompt_base + (i + run) % 200 for i in range(tokens[n])]
                     ticket = prefill.call("submit", prompt, GREEDY_1)
                     prefill.call("done_at", ticket["transfer_id"], 120.0)  # time the transfer only
-                    blocks = decode.pool.allocate(-(-tokens[n] // KV_BLOCK_SIZE))
+                    blocks = decode.core.pool.allocate(-(-tokens[n] // KV_BLOCK_SIZE))
                     assert blocks is not None
                     try:
                         _, stats = channel.pull(ticket["transfer_id"], blocks, tokens[n])
@@ -118,7 +114,7 @@ def channel_throughput(
                         log(f"  {name}: pull failed: {failures[name]}")
                         continue
                     finally:
-                        decode.pool.free(blocks)
+                        decode.core.pool.free(blocks)
                     assert stats.nbytes == n, (stats.nbytes, n)
                     if run:
                         times[(n, name)].append(stats.seconds)

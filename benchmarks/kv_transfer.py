@@ -126,9 +126,9 @@ def part1(args, log) -> None:
 
 
 def part2(args, log) -> None:
-    from overfill_serve.default_model import default_model_dir
     from overfill_serve.errors import ModelConfigError
     from overfill_serve.sampling_params import SamplingParams
+    from overfill_serve.tools.default_model import default_model_dir
     from overfill_serve.transfer.config import TransferConfig
     from overfill_serve.worker.decode_worker import DecodeWorker
     from overfill_serve.worker.prefill_worker import TransferTicket

@@ -32,8 +32,8 @@ import torch
 from bench_common import Req, command_line, corpus_token_ids, make_workload, pct, print_head, utc_date
 
 from overfill_serve import LLM, SamplingParams
-from overfill_serve.default_model import default_model_dir
 from overfill_serve.model.prune import prune_model
+from overfill_serve.tools.default_model import default_model_dir
 
 
 @dataclass

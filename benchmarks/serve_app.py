@@ -115,7 +115,7 @@ def kv_check(wait_s: float = 15.0) -> bool:
 
 
 def make_pair(which: str, tmp: Path, hidden: int, intermediate: int) -> tuple[Path, Path, str]:
-    from overfill_serve.default_model import default_model_dir
+    from overfill_serve.tools.default_model import default_model_dir
 
     teacher = default_model_dir()
     if which == "default":

@@ -15,10 +15,10 @@ TTFT <= --slo-ttft and TPOT <= --slo-tpot).
 Part 2 (Serve overhead): a handful of requests, one at a time, each through the app (HTTP, as in part 1) and
 through an in-process `overfill_serve.LLM(...).generate` on the same model(s) and mode (e2e: the call's wall
 time; TTFT: the engine's first-token stamp), interleaved so that load drift hits both; the median TTFT and e2e
-of each and the difference (HTTP proxy + Router + deployment-handle calls + KV channel + SSE). The offline
+of each and the difference (HTTP proxy + ingress + deployment-handle calls + KV channel + SSE). The offline
 engine runs on `--offline-threads` torch threads (default: what Ray gives a replica with fractional num_cpus,
 1), so the difference is the path, not the thread count. Also printed: the round trip of `GET /health` (proxy
-+ Router, no model) and, for an in-process app, of one deployment-handle call (`stats`).
++ ingress, no model) and, for an in-process app, of one deployment-handle call (`stats`).
 
 Without `--url`, the script starts the app itself, as tests/serve_harness.py does (a local Ray with logical
 CPUs, cluster/config.yaml's application args and deployment options, HTTP on a free loopback port), on the
@@ -212,7 +212,7 @@ def main() -> int:
                 f"{app_args['block_size']}, kv blocks {app_args['prefill_kv_blocks']}/"
                 f"{app_args['decode_kv_blocks']}, max_num_seqs {app_args['max_num_seqs']}, transfer "
                 f"{app_args.get('transfer', {}).get('backend', 'grpc')}; 1 PrefillServer + 1 DecodeServer + "
-                f"1 Router replica, torch threads per replica {replica_threads()}), started in "
+                f"1 Ingress replica, torch threads per replica {replica_threads()}), started in "
                 f"{time.perf_counter() - t:.1f} s"
             )
         else:
@@ -225,7 +225,7 @@ def main() -> int:
             pair = args.model or next(i for i in ids if ":" not in i)
             ext = next((m.get("overfill", {}) for m in listing["data"] if m["id"] == pair), {})
             print(f"app: {url}, models {ids}; {pair}: {ext}")
-            from overfill_serve.default_model import default_model_dir
+            from overfill_serve.tools.default_model import default_model_dir
 
             prefill_dir = args.prefill_model or default_model_dir()
             decode_dir = args.decode_model or prefill_dir
@@ -303,7 +303,7 @@ def main() -> int:
             print()
             print_overhead(rows)
             health = asyncio.run(http_rtt(url, 20))
-            line = f"round trips (median of 20): GET /health (HTTP proxy + Router, no model) {1000 * health:.1f} ms"
+            line = f"round trips (median of 20): GET /health (HTTP proxy + ingress, no model) {1000 * health:.1f} ms"
             if own_app:
                 line += f"; one DecodeServer handle call from the driver (stats) {1000 * handle_rtt():.1f} ms"
             print(line)

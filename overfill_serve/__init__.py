@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    # LLM pulls in torch: imported on first use, so the clients (overfill_serve.client) stay light.
+    # LLM pulls in torch: imported on first use, so the clients (overfill_serve.tools.client) stay light.
     if name in ("LLM", "RequestOutput"):
         from overfill_serve import llm
 

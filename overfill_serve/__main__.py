@@ -1,3 +1,3 @@
-from overfill_serve.cli import main
+from overfill_serve.tools.cli import main
 
 main()

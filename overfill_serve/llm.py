@@ -1,7 +1,8 @@
 """`LLM`: the offline API — load a pair, generate from prompts or chats, with paged KV and continuous batching.
 
-In one process both stages share one KV pool sized for the teacher's layers: the handover from prefill to
-decode passes the block table, not the bytes. A depth-pruned student reads and writes only its kept layers.
+One `EngineCore` holds both models: they share one KV pool sized for the teacher's layers, so the handover
+from prefill to decode passes the block table, not the bytes. A depth-pruned student reads and writes only its
+kept layers.
 """
 
 from __future__ import annotations
@@ -12,25 +13,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from overfill_serve.engine.decode import DecodeEngine
-from overfill_serve.engine.output_processor import OutputProcessor, StepOutput
-from overfill_serve.engine.prefill import PrefillEngine
-from overfill_serve.engine.runner import ModelRunner
-from overfill_serve.engine.sampler import Sampler
-from overfill_serve.errors import InvalidRequestError, ModelConfigError
-from overfill_serve.kv.block_pool import BlockPool
-from overfill_serve.kv.paged_cache import PagedKVCache
-from overfill_serve.kv.swap_space import SwapSpace
-from overfill_serve.model.loader import parse_dtype
+from overfill_serve.engine.config import EngineConfig
+from overfill_serve.engine.core import EngineCore
+from overfill_serve.engine.output_processor import StepOutput
+from overfill_serve.errors import InvalidRequestError
 from overfill_serve.model.pair import ModelPair
-from overfill_serve.request import Mode, Request, RequestStatus, TokenLogprob
+from overfill_serve.model.spec import KeptLayers
+from overfill_serve.prompt import Prompt, PromptEncoder
+from overfill_serve.request import Mode, Request, TokenLogprob
 from overfill_serve.sampling_params import SamplingParams
-from overfill_serve.tokenizer import encode_chat
 
-Prompt = str | list[int]
-DEFAULT_KV_CACHE_BYTES = 1 << 30  # on CPU; on GPU the cache takes a fraction of the free memory
+# Which model runs each stage: (prefill, decode).
+ROUTES = {
+    Mode.OVERFILL: ("teacher", "student"),
+    Mode.FULL: ("teacher", "teacher"),
+    Mode.PRUNED: ("student", "student"),
+}
 
 
 @dataclass(frozen=True)
@@ -63,86 +61,31 @@ class LLM:
         prefill_model: str | Path | None = None,
         decode_model: str | Path | None = None,
         *,
-        dtype: str = "float32",
-        device: str = "cpu",
-        kept_layers: str | list[int] | None = None,
-        block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        kv_cache_bytes: int | None = None,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
-        max_model_len: int | None = None,
-        num_swap_blocks: int = 0,
+        kept_layers: KeptLayers = None,
+        **engine: Any,
     ) -> None:
+        """The teacher (prefill) and student (decode) model directories, by default the embedded model for
+        both; `engine`: `EngineConfig` fields (dtype, device, num_kv_blocks, max_num_seqs, ...)."""
         if prefill_model is None:
-            from overfill_serve.default_model import default_model_dir
+            from overfill_serve.tools.default_model import default_model_dir
 
             prefill_model = default_model_dir()
         decode_model = decode_model if decode_model is not None else prefill_model
-        self.pair = ModelPair.load(prefill_model, decode_model, dtype, device, kept_layers, block_size)
-        self.tokenizer = self.pair.tokenizer
-        teacher, student, layout = self.pair.teacher, self.pair.student, self.pair.layout
-        torch_dtype = parse_dtype(dtype)
-        if num_kv_blocks is None:
-            budget = kv_cache_bytes or _default_kv_bytes(torch.device(device))
-            num_kv_blocks = PagedKVCache.blocks_for_budget(
-                budget,
-                layout.num_teacher_layers,
-                block_size,
-                layout.num_kv_heads,
-                layout.head_dim,
-                torch_dtype,
-            )
-        if num_kv_blocks < 1:
-            raise ModelConfigError(
-                "the KV cache budget holds no block; raise kv_cache_bytes or num_kv_blocks"
-            )
-        self.cache = PagedKVCache(
-            layout.num_teacher_layers,
-            num_kv_blocks,
-            block_size,
-            layout.num_kv_heads,
-            layout.head_dim,
-            torch_dtype,
-            device,
+        config = EngineConfig(**engine)
+        self.pair = ModelPair.load(
+            prefill_model, decode_model, kept_layers, config.dtype, config.device, config.block_size
         )
-        self.pool = BlockPool(num_kv_blocks)
-        limit = min(teacher.spec.max_position_embeddings, student.spec.max_position_embeddings)
-        # A request running alone must always fit in the pool, so preemption can always make progress.
-        self.max_model_len = min(max_model_len or limit, limit, num_kv_blocks * block_size)
-
-        self.output = OutputProcessor(self.tokenizer, layout.eos_token_ids, self.max_model_len)
-        self.sampler = Sampler()
-        runners = {
-            "teacher": ModelRunner(teacher, self.cache, tuple(range(layout.num_teacher_layers))),
-            "student": ModelRunner(student, self.cache, layout.kept_layers),
+        self.tokenizer = self.pair.tokenizer
+        layout = self.pair.layout
+        all_layers = tuple(range(layout.num_teacher_layers))
+        models = {
+            "teacher": (self.pair.teacher, all_layers),
+            "student": (self.pair.student, layout.kept_layers),
         }
-        self.prefill = {
-            role: PrefillEngine(r, self.pool, self.sampler, self.output, max_num_batched_tokens, max_num_seqs)
-            for role, r in runners.items()
-        }
-        # Preempted decodes swap their KV to host memory when it has room, else are re-prefilled.
-        self.swap = SwapSpace(self.cache, num_swap_blocks) if num_swap_blocks else None
-        self.decode = {
-            role: DecodeEngine(
-                r, self.pool, self.sampler, self.output, self._re_prefill, max_num_seqs, self.swap
-            )
-            for role, r in runners.items()
-        }
+        self.core = EngineCore(config, self.tokenizer, models)
+        self.prompts = PromptEncoder(self.tokenizer, layout.vocab_size, self.core.max_model_len)
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
-
-    # -- the OverFill routing: which model runs which stage -------------------------------------------------
-    @staticmethod
-    def _roles(mode: Mode) -> tuple[str, str]:
-        return {
-            Mode.OVERFILL: ("teacher", "student"),
-            Mode.FULL: ("teacher", "teacher"),
-            Mode.PRUNED: ("student", "student"),
-        }[mode]
-
-    def _re_prefill(self, request: Request) -> None:
-        self.prefill[self._roles(request.mode)[0]].add(request, front=True)
 
     # -- request API ---------------------------------------------------------------------------------------
     def add_request(
@@ -162,35 +105,32 @@ class LLM:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("sampling params must be a SamplingParams", field="sampling_params")
-        token_ids = self._encode(prompt)
-        request = Request(request_id or f"req-{next(self._ids)}", token_ids, params, mode)
+        request = Request(request_id or f"req-{next(self._ids)}", self.prompts.encode(prompt), params, mode)
         if request.request_id in self._requests:
             raise InvalidRequestError(
                 f"request id {request.request_id!r} is already in use", field="request_id"
             )
         self._requests[request.request_id] = request
-        self.prefill[self._roles(mode)[0]].add(request)
+        self.core.add(request, *ROUTES[mode])
         return request
 
     def abort(self, request_id: str) -> bool:
         self._requests.pop(request_id, None)
-        return any(e.abort(request_id) is not None for e in (*self.prefill.values(), *self.decode.values()))
+        return self.core.abort(request_id)
 
     def has_unfinished(self) -> bool:
-        return any(e.has_work() for e in (*self.prefill.values(), *self.decode.values()))
+        return self.core.has_work()
 
     def step(self) -> list[StepOutput]:
-        """One round: every prefill engine with work, then every decode engine with work."""
-        outputs: list[StepOutput] = []
-        for prefill in self.prefill.values():
-            if prefill.has_work():
-                result = prefill.step()
-                outputs += result.outputs
-                for request in result.handed_over:
-                    self.decode[self._roles(request.mode)[1]].add(request)
-        for decode in self.decode.values():
-            if decode.has_work():
-                outputs += decode.step()
+        """One round: every prefill engine with work, then every decode engine with work. A failing step fails
+        every request in flight (marked failed, blocks freed) before it raises."""
+        try:
+            outputs = list(self.core.step().outputs)
+        except Exception as e:
+            for request_id in list(self._requests):
+                self._requests.pop(request_id)
+                self.core.abort(request_id, e)
+            raise
         for out in outputs:
             if out.finished:
                 self._requests.pop(out.request_id, None)
@@ -228,36 +168,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate the assistant's reply to one conversation or to several."""
         conversations: Any = [messages] if messages and isinstance(messages[0], dict) else messages
-        return self.generate(
-            [encode_chat(self.tokenizer, conv) for conv in conversations], sampling_params, mode
-        )
-
-    def _encode(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            token_ids = list(self.tokenizer(prompt)["input_ids"])
-        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            token_ids = list(prompt)
-            vocab = self.pair.layout.vocab_size
-            if any(not 0 <= t < vocab for t in token_ids):
-                raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", field="prompt")
-        else:
-            raise InvalidRequestError("a prompt is a string or a list of token ids", field="prompt")
-        if not token_ids:
-            raise InvalidRequestError("the prompt is empty", field="prompt")
-        if len(token_ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {len(token_ids)} tokens; the context limit is {self.max_model_len} "
-                "(prompt plus at least one generated token)",
-                field="prompt",
-            )
-        return token_ids
-
-
-def _default_kv_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.8)
-    return DEFAULT_KV_CACHE_BYTES
+        return self.generate([self.prompts.chat(conv) for conv in conversations], sampling_params, mode)
 
 
 def _as_prompt_list(prompts: Any) -> list[Prompt]:
@@ -282,7 +193,7 @@ def _broadcast(params: Any, n: int) -> list[SamplingParams | None]:
 def _to_output(request: Request, text: str, prompt: Prompt | None = None) -> RequestOutput:
     t = request.timeline
     start = t["received"]
-    end = t.get(RequestStatus.FINISHED.value) or t.get(RequestStatus.ABORTED.value) or t.get("failed", start)
+    end = t[request.status.value] if request.is_finished else start
     first = t.get("first_token")
     n = len(request.output_token_ids)
     return RequestOutput(

@@ -1,9 +1,10 @@
 """A request's life inside the engines: its tokens, KV blocks, state and timeline.
 
 Lifecycle (every transition stamps `timeline`):
-    received → routed → prefilling → kv_in_flight → decoding → finished | aborted | failed
-A decode-side preemption sends a request back to `prefilling` (re-prefill of the prompt on its prefill model,
-then the decode model recomputes its own KV for the tokens generated so far) without losing any output.
+    received → routed → prefilling → kv_in_flight → decoding (⇄ swapped) → finished | aborted | failed
+A decode-side preemption either swaps the request's KV out to host memory (`swapped`, back to `decoding`
+once blocks free up) or sends it back to `routed` (re-prefill of the prompt on its prefill model, then the
+decode model recomputes its own KV for the tokens generated so far); either way no output is lost.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class Request:
     status: RequestStatus = RequestStatus.RECEIVED
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
-    error: str | None = None
+    error: str | None = None  # why it failed
     num_preemptions: int = 0
     timeline: dict[str, float] = field(default_factory=dict)
     generator: torch.Generator | None = None
@@ -94,6 +95,10 @@ class Request:
     def mark(self, status: RequestStatus) -> None:
         self.status = status
         self.stamp(status.value)
+
+    def fail(self, error: BaseException) -> None:
+        self.error = f"{type(error).__name__}: {error}"
+        self.mark(RequestStatus.FAILED)
 
     def stamp(self, event: str) -> None:
         """Record the first time `event` happened (a re-prefill keeps the original stamps)."""

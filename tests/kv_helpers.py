@@ -15,8 +15,9 @@ def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = 
         time.sleep(0.02)
 
 
-def pool_full(stats: dict[str, int]) -> bool:
-    return stats["free_blocks"] == stats["total_blocks"]
+def pool_full(stats: Any) -> bool:
+    """Every block of a worker's pool free (its `WorkerStats`)."""
+    return stats.free_blocks == stats.total_blocks
 
 
 def decode_kwargs(pair: Any, dtype: str = "float32") -> dict[str, Any]:

@@ -13,7 +13,7 @@ import pytest
 from overfill_serve.errors import ModelConfigError
 from overfill_serve.serve.autoscaling import RoleAutoscaler, desired_replicas
 
-TARGETS = {"queued_prompt_tokens": 1000.0, "kv_utilization": 0.5, "running": 4.0}
+TARGETS = {"queued_prompt_tokens": 1000.0, "kv_utilization": 0.5, "requests": 4.0}
 
 
 def test_desired_replicas_by_role():
@@ -24,11 +24,11 @@ def test_desired_replicas_by_role():
         )
         == 3
     )
-    # decode: the tighter of KV utilisation (0.9 / 0.5) and running sequences (2 / 4) counts
-    assert desired_replicas("decode", [{"kv_utilization": 0.9, "running": 2}], TARGETS, 1, 8) == 2
-    assert desired_replicas("decode", [{"kv_utilization": 0.1, "running": 10}], TARGETS, 1, 8) == 3
+    # decode: the tighter of KV utilisation (0.9 / 0.5) and requests held (2 / 4) counts
+    assert desired_replicas("decode", [{"kv_utilization": 0.9, "requests": 2}], TARGETS, 1, 8) == 2
+    assert desired_replicas("decode", [{"kv_utilization": 0.1, "requests": 10}], TARGETS, 1, 8) == 3
     # idle pools shrink to the minimum; bursts stop at the maximum
-    assert desired_replicas("decode", [{"kv_utilization": 0.0, "running": 0}] * 3, TARGETS, 1, 8) == 1
+    assert desired_replicas("decode", [{"kv_utilization": 0.0, "requests": 0}] * 3, TARGETS, 1, 8) == 1
     assert desired_replicas("prefill", [{"queued_prompt_tokens": 10**6}], TARGETS, 1, 4) == 4
 
 
@@ -37,7 +37,7 @@ def test_latency_targets_scale_like_work():
     # a short queue, but one replica's TTFT is 3x its target and the other's on target: 3 + 1 -> 4
     prefill = [{"queued_prompt_tokens": 10, "ttft_s": 1.5}, {"queued_prompt_tokens": 0, "ttft_s": 0.5}]
     assert desired_replicas("prefill", prefill, targets, 1, 8) == 4
-    decode = [{"kv_utilization": 0.1, "running": 1, "tpot_s": 0.12}]
+    decode = [{"kv_utilization": 0.1, "requests": 1, "tpot_s": 0.12}]
     assert desired_replicas("decode", decode, targets, 1, 8) == 3
     # without latency targets the same replicas ask for no more than their work
     assert desired_replicas("prefill", prefill, TARGETS, 1, 8) == 1
@@ -60,10 +60,10 @@ def _ctx(metrics, current, state=None, now=0.0):
 
 
 def test_policy_scales_up_at_once_and_down_after_the_delay():
-    policy = RoleAutoscaler("decode", kv_utilization=0.5, running=4, downscale_delay_s=10)
-    busy = {"kv_utilization": {"r1": 0.9, "r2": 0.8}, "running": {"r1": 3, "r2": 3}}
+    policy = RoleAutoscaler("decode", kv_utilization=0.5, requests=4, downscale_delay_s=10)
+    busy = {"kv_utilization": {"r1": 0.9, "r2": 0.8}, "requests": {"r1": 3, "r2": 3}}
     assert policy(_ctx(busy, current=2))[0] == 4  # (0.9 + 0.8) / 0.5 = 3.4 -> 4
-    idle = {"kv_utilization": {"r1": 0.0, "r2": 0.0}, "running": {"r1": 0, "r2": 0}}
+    idle = {"kv_utilization": {"r1": 0.0, "r2": 0.0}, "requests": {"r1": 0, "r2": 0}}
     n, state = policy(_ctx(idle, current=2, now=100.0))
     assert n == 2 and state["low_since"] == 100.0  # a lull: wait
     assert policy(_ctx(idle, current=2, state=state, now=105.0))[0] == 2
@@ -75,7 +75,7 @@ def test_bad_policy_settings_are_refused():
     with pytest.raises(ModelConfigError, match="role"):
         RoleAutoscaler("router")
     with pytest.raises(ModelConfigError, match="positive"):
-        RoleAutoscaler("decode", running=0)
+        RoleAutoscaler("decode", requests=0)
 
 
 def _policy_options(deployment: str, policy_kwargs: dict) -> dict:
@@ -164,7 +164,7 @@ def _args(pair, app: str, **overrides) -> dict:
 
 
 def test_decode_pool_scales_with_a_burst(pairs):
-    """Long generations: running sequences over a target of 1 a replica."""
+    """Long generations: requests held over a target of 1 a replica."""
     pytest.importorskip("ray")
     from overfill_serve import SamplingParams
 
@@ -174,7 +174,7 @@ def test_decode_pool_scales_with_a_burst(pairs):
         "burst",
         "DecodeServer",
         _args(pair, "burst"),
-        _policy_options("DecodeServer", {"role": "decode", "running": 1}),
+        _policy_options("DecodeServer", {"role": "decode", "requests": 1}),
         list(range(20, 60)),
         SamplingParams(max_tokens=600, temperature=0, ignore_eos=True),
         per_client=6,

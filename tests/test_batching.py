@@ -47,14 +47,14 @@ def test_batched_equals_one_at_a_time(width_pair, one_at_a_time, batch):
     work = _workload(32)
     outs = llm.generate([p for p, _ in work], [sp for _, sp in work])
     assert {i: o.token_ids for i, o in enumerate(outs)} == one_at_a_time
-    assert llm.pool.num_free == llm.pool.num_blocks
+    assert llm.core.pool.num_free == llm.core.pool.num_blocks
 
 
 @pytest.mark.parametrize("arrivals_per_step", [1, 3])
 def test_staggered_arrivals(width_pair, one_at_a_time, arrivals_per_step):
     llm = LLM(width_pair.teacher, width_pair.student, num_kv_blocks=256, block_size=4, max_num_seqs=8)
     assert _run_staggered(llm, _workload(32), arrivals_per_step) == one_at_a_time
-    assert llm.pool.num_free == llm.pool.num_blocks
+    assert llm.core.pool.num_free == llm.core.pool.num_blocks
 
 
 def test_chunked_prefill(width_pair, one_at_a_time):
@@ -63,7 +63,7 @@ def test_chunked_prefill(width_pair, one_at_a_time):
         width_pair.teacher, width_pair.student, num_kv_blocks=256, block_size=4, max_num_batched_tokens=7
     )
     assert _run_staggered(llm, _workload(32), 2) == one_at_a_time
-    assert llm.pool.num_free == llm.pool.num_blocks
+    assert llm.core.pool.num_free == llm.core.pool.num_blocks
 
 
 def test_preemption_keeps_outputs(width_pair, one_at_a_time):
@@ -74,14 +74,21 @@ def test_preemption_keeps_outputs(width_pair, one_at_a_time):
     outs = llm.generate([p for p, _ in work], [sp for _, sp in work])
     assert {i: o.token_ids for i, o in enumerate(outs)} == one_at_a_time
     assert sum(o.metrics.num_preemptions for o in outs) > 0
-    assert llm.pool.num_free == llm.pool.num_blocks
+    assert llm.core.pool.num_free == llm.core.pool.num_blocks
 
 
 def _count_re_prefills(llm: LLM) -> list[str]:
+    """Requests sent back to a prefill engine (a preempted decode's re-prefill goes to the front)."""
     calls: list[str] = []
-    for engine in llm.decode.values():
-        re_prefill = engine.preempt
-        engine.preempt = lambda r, f=re_prefill: (calls.append(r.request_id), f(r))  # type: ignore[method-assign]
+    for engine in llm.core.prefill.values():
+        add = engine.add
+
+        def counted(request, front=False, add=add):
+            if front:
+                calls.append(request.request_id)
+            add(request, front)
+
+        engine.add = counted  # type: ignore[method-assign]
     return calls
 
 
@@ -104,22 +111,28 @@ def test_preemption_with_swap_keeps_outputs(width_pair, one_at_a_time, swap_bloc
     preemptions = sum(o.metrics.num_preemptions for o in outs)
     assert preemptions > 0
     assert (len(re_prefilled) == 0) if swap_blocks == 64 else (0 < len(re_prefilled) < preemptions)
-    assert llm.pool.num_free == llm.pool.num_blocks and llm.swap is not None and llm.swap.num_used == 0
+    assert (
+        llm.core.pool.num_free == llm.core.pool.num_blocks
+        and llm.core.swap is not None
+        and llm.core.swap.num_used == 0
+    )
 
 
 def test_abort_while_swapped_frees_the_swap_space(width_pair):
     llm = LLM(width_pair.teacher, width_pair.student, num_kv_blocks=12, block_size=4, num_swap_blocks=64)
     params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     ids = [llm.add_request(list(range(10 + i, 20 + i)), params) for i in range(3)]
-    swapped = llm.decode["student"].swapped
+    swapped = llm.core.decode["student"].swapped
     while not swapped:
         llm.step()
     victim = swapped[0].request_id
-    assert llm.swap is not None and llm.swap.num_used > 0
+    assert llm.core.swap is not None and llm.core.swap.num_used > 0
     assert llm.abort(victim)
     while llm.has_unfinished():
         llm.step()
-    assert victim in ids and llm.swap.num_used == 0 and llm.pool.num_free == llm.pool.num_blocks
+    assert (
+        victim in ids and llm.core.swap.num_used == 0 and llm.core.pool.num_free == llm.core.pool.num_blocks
+    )
 
 
 def test_abort_mid_flight_frees_blocks(width_pair):
@@ -129,8 +142,8 @@ def test_abort_mid_flight_frees_blocks(width_pair):
     b = llm.add_request(list(range(50, 60)), params)
     llm.step()  # both prefilled, first tokens sampled
     llm.step()  # decoding
-    assert llm.pool.num_free < llm.pool.num_blocks
+    assert llm.core.pool.num_free < llm.core.pool.num_blocks
     assert llm.abort(a) and llm.abort(b)
     assert not llm.abort(a)
     assert not llm.has_unfinished()
-    assert llm.pool.num_free == llm.pool.num_blocks
+    assert llm.core.pool.num_free == llm.core.pool.num_blocks

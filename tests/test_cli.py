@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from overfill_serve import LLM, SamplingParams
-from overfill_serve.cli import main
 from overfill_serve.model.random_model import make_random_model
 from overfill_serve.model.spec import ModelSpec
+from overfill_serve.tools.cli import main
 
 
 def test_prune_check_pair_generate(tmp_path, capsys, pairs):

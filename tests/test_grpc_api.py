@@ -27,23 +27,28 @@ from overfill_serve.errors import (
     TransferTimeoutError,
     UnauthenticatedError,
 )
+from overfill_serve.model.random_model import make_tokenizer
+from overfill_serve.prompt import PromptEncoder
 from overfill_serve.request import FinishReason, Mode, TokenLogprob
 from overfill_serve.sampling_params import SamplingParams
-from overfill_serve.serve import grpc_api as api
+from overfill_serve.serve import grpc_errors as errors
+from overfill_serve.serve import grpc_requests as api
 from overfill_serve.serve import grpc_responses as responses
+from overfill_serve.serve.api_key import check_api_key
 from overfill_serve.serve.model_names import resolve_model
 from overfill_serve.serve.served_by import ServedBy
 
 PAIR, TEACHER, STUDENT = "tiny-pair", "/models/teacher", "/models/student"
 WORDS = ["Hello", ",", " world", "!", " How", " are", " you", "?"]
 FAIL_PROMPT = "fail after two tokens"
+PROMPTS = PromptEncoder(make_tokenizer(), vocab_size=512, max_model_len=64)
 
 
-def fake_outputs(request_id: str, prompt: str, params: SamplingParams) -> Iterator[StepOutput]:
+def fake_outputs(request_id: str, fail: bool, params: SamplingParams) -> Iterator[StepOutput]:
     """The token source: token i is 100 + i with text WORDS[i]; LENGTH at max_tokens, else STOP at the end."""
     n = min(params.max_tokens, len(WORDS))
     for i in range(n):
-        if prompt == FAIL_PROMPT and i == 2:
+        if fail and i == 2:
             raise PeerUnavailableError("decode replica 3 at 10.0.0.7 died")
         last = i == n - 1
         reason = (FinishReason.LENGTH if n == params.max_tokens else FinishReason.STOP) if last else None
@@ -56,7 +61,7 @@ def fake_outputs(request_id: str, prompt: str, params: SamplingParams) -> Iterat
 
 
 class FakeGenerateServicer(generate_pb2_grpc.GenerateServicer):
-    """The Router's gRPC methods in miniature, on grpc_api's helpers."""
+    """The ingress's gRPC handlers in miniature, on grpc_requests' helpers."""
 
     def __init__(self, api_key: str | None = None) -> None:
         self.api_key = api_key
@@ -66,15 +71,14 @@ class FakeGenerateServicer(generate_pb2_grpc.GenerateServicer):
     def _start(self, request, context):
         metadata = list(context.invocation_metadata())
         self.metadata.append(dict(metadata))
-        api.check_api_key(metadata, self.api_key)
+        check_api_key(metadata, self.api_key)
         mode = api.mode_from_request(request, PAIR)
-        kind, prompt = api.prompt_from_request(request)
+        prompt = api.prompt_from_request(request, PROMPTS)
         params = api.params_from_proto(request.sampling)
         self.params.append(params)
-        text = prompt if isinstance(prompt, str) else repr(prompt)
         rid = api.request_id_of(request)
-        acc = responses.GenerationAccumulator(rid, len(text), ServedBy.of(mode, TEACHER, STUDENT))
-        return acc, fake_outputs(rid, text, params)
+        acc = responses.GenerationAccumulator(rid, len(prompt), ServedBy.of(mode, TEACHER, STUDENT))
+        return acc, fake_outputs(rid, prompt == PROMPTS.encode(FAIL_PROMPT), params)
 
     def Generate(self, request, context):
         try:
@@ -83,7 +87,7 @@ class FakeGenerateServicer(generate_pb2_grpc.GenerateServicer):
                 acc.add(out)
             return acc.response()
         except Exception as e:
-            api.apply_status(context, e)
+            errors.apply_status(context, e)
             return pb.GenerateResponse()
 
     def GenerateStream(self, request, context):
@@ -92,7 +96,7 @@ class FakeGenerateServicer(generate_pb2_grpc.GenerateServicer):
             for out in outputs:
                 yield acc.add(out)
         except Exception as e:
-            api.apply_status(context, e)
+            errors.apply_status(context, e)
 
     def ListModels(self, request, context):
         return responses.models_to_proto(PAIR, TEACHER, STUDENT)
@@ -186,7 +190,7 @@ def test_bad_option_names_its_field(name, value):
     with pytest.raises(InvalidRequestError) as e:
         api.params_from_proto(options)
     assert e.value.field == name
-    code, details = api.status_for(e.value)
+    code, details = errors.status_for(e.value)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details.endswith(f"(field: {name})")
 
 
@@ -215,7 +219,7 @@ def test_unknown_model_is_not_found(model):
     with pytest.raises(ModelNotFoundError) as e:
         api.mode_from_request(pb.GenerateRequest(model=model, mode=pb.MODE_FULL), PAIR)
     assert e.value.field == "model" and isinstance(e.value, InvalidRequestError)
-    code, details = api.status_for(e.value)
+    code, details = errors.status_for(e.value)
     assert code == grpc.StatusCode.NOT_FOUND and f"{PAIR}:pruned" in details
 
 
@@ -226,16 +230,17 @@ def test_unknown_mode_value_is_invalid():
 
 
 def test_prompts():
-    assert api.prompt_from_request(pb.GenerateRequest(text="hi")) == ("text", "hi")
+    tok = PROMPTS.tokenizer
+    assert api.prompt_from_request(pb.GenerateRequest(text="hi"), PROMPTS) == tok("hi")["input_ids"]
     request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]))
-    assert api.prompt_from_request(request) == ("token_ids", [1, 2, 3])
+    assert api.prompt_from_request(request, PROMPTS) == [1, 2, 3]
     chat = pb.Chat(
         messages=[pb.Message(role="system", content="be brief"), pb.Message(role="user", content="hi")]
     )
-    assert api.prompt_from_request(pb.GenerateRequest(chat=chat)) == (
-        "chat",
-        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
-    )
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    got = api.prompt_from_request(pb.GenerateRequest(chat=chat), PROMPTS)
+    assert got == tok(rendered, add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.parametrize(
@@ -245,13 +250,15 @@ def test_prompts():
         (pb.GenerateRequest(text=""), "prompt"),
         (pb.GenerateRequest(token_ids=pb.TokenIds()), "prompt"),
         (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[3, -1])), "prompt"),
+        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[3, 512])), "prompt"),  # past the vocabulary
+        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(range(64)))), "prompt"),  # no room to generate
         (pb.GenerateRequest(chat=pb.Chat()), "messages"),
         (pb.GenerateRequest(chat=pb.Chat(messages=[pb.Message(content="hi")])), "messages"),
     ],
 )
 def test_bad_prompts(request_, field):
     with pytest.raises(InvalidRequestError) as e:
-        api.prompt_from_request(request_)
+        api.prompt_from_request(request_, PROMPTS)
     assert e.value.field == field
 
 
@@ -322,7 +329,7 @@ def test_accumulator_chunks_and_response():
     ],
 )
 def test_status_for(exc, code, needle):
-    got, details = api.status_for(exc)
+    got, details = errors.status_for(exc)
     assert got == getattr(grpc.StatusCode, code) and needle in details
     assert "10.0.0.7" not in details and "cuda" not in details.lower()
 
@@ -332,19 +339,21 @@ def test_status_for_ray_errors():
     serve_exceptions = pytest.importorskip("ray.serve.exceptions")
     cause = InvalidRequestError("temperature must be >= 0", field="temperature")
     wrapped = ray_exceptions.RayTaskError("PrefillServer.generate", "Traceback ...\n  File x.py", cause)
-    code, details = api.status_for(wrapped.as_instanceof_cause())
+    code, details = errors.status_for(wrapped.as_instanceof_cause())
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details.endswith("(field: temperature)")
     assert "Traceback" not in details
-    code, _ = api.status_for(serve_exceptions.BackPressureError(num_queued_requests=9, max_queued_requests=8))
+    code, _ = errors.status_for(
+        serve_exceptions.BackPressureError(num_queued_requests=9, max_queued_requests=8)
+    )
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_check_api_key():
-    api.check_api_key([], None)
-    api.check_api_key([("authorization", "Bearer k1")], "k1")
+    check_api_key([], None)
+    check_api_key([("authorization", "Bearer k1")], "k1")
     for metadata in ([], [("authorization", "Bearer k2")], [("authorization", "k1")]):
         with pytest.raises(UnauthenticatedError):
-            api.check_api_key(metadata, "k1")
+            check_api_key(metadata, "k1")
 
 
 # -- a real server ------------------------------------------------------------------------------------------
@@ -368,7 +377,7 @@ def test_stream_over_grpc(stub):
     assert not any(c.HasField("usage") for c in chunks[:-1])
     last = chunks[-1]
     assert last.finish_reason == pb.FINISH_REASON_LENGTH and last.usage.completion_tokens == 5
-    assert last.usage.prompt_tokens == 2 and last.served_by.mode == pb.MODE_PRUNED
+    assert last.usage.prompt_tokens == len(PROMPTS.encode("hi")) and last.served_by.mode == pb.MODE_PRUNED
     assert last.served_by.prefill_model == last.served_by.decode_model == STUDENT
     assert 0 <= last.metrics.ttft_s <= last.metrics.e2e_s
 

@@ -2,31 +2,33 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from overfill_serve.engine.config import EngineConfig
 from overfill_serve.kv.block_pool import BlockPool
 from overfill_serve.kv.paged_cache import PagedKVCache
 
 
-def test_allocate_free_and_refcounts():
+def test_allocate_and_free():
     pool = BlockPool(8)
     a = pool.allocate(3)
     b = pool.allocate(5)
     assert a is not None and b is not None
     assert len(set(a) | set(b)) == 8 and pool.num_free == 0
     assert pool.allocate(1) is None and pool.num_free == 0
-    pool.share(a)  # a second holder (e.g. a transfer lease)
     pool.free(a)
-    assert pool.num_free == 0  # still held once
-    pool.free(a)
+    assert pool.num_free == 3 and pool.allocate(4) is None
     pool.free(b)
     assert pool.num_free == 8 and pool.num_used == 0
+    with pytest.raises(AssertionError, match="freed twice"):
+        pool.free(b[:1])
 
 
 def test_cache_sized_from_budget_and_layer_views():
     bpb = PagedKVCache.bytes_per_block(4, 16, 2, 8, torch.float32)
     assert bpb == 4 * 2 * 16 * 2 * 8 * 4
-    n = PagedKVCache.blocks_for_budget(10 * bpb + bpb // 2, 4, 16, 2, 8, torch.float32)
+    n = EngineConfig(kv_cache_bytes=10 * bpb + bpb // 2).num_blocks(4, 2, 8)
     assert n == 10
     cache = PagedKVCache(4, n, 16, 2, 8, torch.float32)
     assert cache.nbytes == n * bpb

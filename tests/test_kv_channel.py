@@ -72,7 +72,7 @@ def test_two_processes_match_single_process(pairs, kind, dtype):
             # Only the kept layers travel: a depth-pruned student pulls half the teacher's KV.
             assert decode.last_transfer.nbytes == 2 * len(
                 decode.layout.kept_layers
-            ) * decode.cache.block_bytes * (-(-len(prompt) // 4))
+            ) * decode.core.cache.block_bytes * (-(-len(prompt) // 4))
         wait_until(lambda: pool_full(prefill.call("stats")))
         assert pool_full(decode.stats())
     finally:
@@ -96,20 +96,20 @@ def workers(pairs):
 def test_kv_byte_exact_with_scattered_blocks(workers, seed):
     prefill, decode = workers
     rng = random.Random(seed)
-    held_p, held_d = fragment(prefill.pool, rng), fragment(decode.pool, rng)
+    held_p, held_d = fragment(prefill.core.pool, rng), fragment(decode.core.pool, rng)
     prompt = [rng.randrange(3, 400) for _ in range(rng.randint(5, 40))]
     ticket = prefill.submit(prompt, GREEDY)
     wait_until(lambda: prefill.registry.get(ticket.transfer_id).completion is not None)
     src = list(prefill.registry.get(ticket.transfer_id).block_ids)
-    expected = [prefill.cache.read_blocks(layer, src).clone() for layer in decode.layout.kept_layers]
-    dest = decode.pool.allocate(len(src))
+    expected = [prefill.core.cache.read_blocks(layer, src).clone() for layer in decode.layout.kept_layers]
+    dest = decode.core.pool.allocate(len(src))
     assert src != sorted(src) and dest != sorted(dest) and src != dest
     completion, stats = decode.channel(prefill.address).pull(ticket.transfer_id, dest, len(prompt))
     for j, want in enumerate(expected):
-        assert torch.equal(decode.cache.read_blocks(j, dest), want)
+        assert torch.equal(decode.core.cache.read_blocks(j, dest), want)
     assert stats.nbytes == sum(t.numel() * t.element_size() for t in expected)
-    decode.pool.free(dest + held_d)
-    prefill.pool.free(held_p)
+    decode.core.pool.free(dest + held_d)
+    prefill.core.pool.free(held_p)
     wait_until(lambda: pool_full(prefill.stats()))
     assert pool_full(decode.stats())
 
@@ -173,10 +173,10 @@ def test_bad_chunks_rejected_and_cleaned_up(workers, tamper, message):
     prefill, decode = workers
     _tamper(prefill, tamper)
     ticket = prefill.submit(PROMPTS[0], GREEDY)
-    before = decode.cache.tensor.clone()
+    before = decode.core.cache.tensor.clone()
     with pytest.raises(ChunkError, match=message):
         list(decode.generate_from(ticket, PROMPTS[0], GREEDY))
-    assert torch.equal(decode.cache.tensor, before)  # nothing was written by the bad chunk
+    assert torch.equal(decode.core.cache.tensor, before)  # nothing was written by the bad chunk
     assert pool_full(decode.stats())
     wait_until(lambda: pool_full(prefill.stats()))
 
@@ -187,7 +187,7 @@ def test_unpulled_transfer_expires(pairs):
     decode = DecodeWorker(pairs["depth"].student, transfer=config, **decode_kwargs(pairs["depth"])).start()
     try:
         ticket = prefill.submit(PROMPTS[2], GREEDY)
-        wait_until(lambda: prefill.stats()["open_transfers"] == 1 and not pool_full(prefill.stats()))
+        wait_until(lambda: prefill.stats().open_transfers == 1 and not pool_full(prefill.stats()))
         wait_until(lambda: pool_full(prefill.stats()), timeout=3)
         with pytest.raises(TransferNotFoundError, match="lease expired"):
             list(decode.generate_from(ticket, PROMPTS[2], GREEDY))
@@ -321,10 +321,10 @@ def test_decode_peer_killed_mid_transfer(pairs):
     try:
         ticket = prefill.submit(PROMPTS[2], GREEDY)
         decode.send("generate", ticket.__dict__, PROMPTS[2], {"max_tokens": 10, "temperature": 0})
-        wait_until(lambda: prefill.stats()["open_transfers"] == 1)
+        wait_until(lambda: prefill.stats().open_transfers == 1)
         time.sleep(0.5)  # mid-stream
         decode.kill()
-        wait_until(lambda: pool_full(prefill.stats()) and prefill.stats()["open_transfers"] == 0, timeout=5)
+        wait_until(lambda: pool_full(prefill.stats()) and prefill.stats().open_transfers == 0, timeout=5)
     finally:
         decode.close()
         prefill.stop()

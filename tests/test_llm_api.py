@@ -29,7 +29,7 @@ def test_max_tokens_exact(llm):
     for n in (1, 2, 7, 30):
         out = llm.generate(PROMPT, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))[0]
         assert len(out.token_ids) == n and out.finish_reason == "length"
-    assert llm.pool.num_free == llm.pool.num_blocks
+    assert llm.core.pool.num_free == llm.core.pool.num_blocks
 
 
 def test_stop_token_ids(llm):
@@ -46,14 +46,14 @@ def test_stop_token_ids(llm):
 def test_eos_stops_unless_ignored(llm):
     greedy = llm.generate(PROMPT, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0].token_ids
     # Make the fourth greedy token the end of sequence by declaring it an eos id.
-    llm.output.eos_token_ids = frozenset({greedy[3]})
+    llm.core.output.eos_token_ids = frozenset({greedy[3]})
     try:
         out = llm.generate(PROMPT, SamplingParams(max_tokens=20, temperature=0))[0]
         assert out.token_ids == greedy[: greedy.index(greedy[3]) + 1] and out.finish_reason == "stop"
         out = llm.generate(PROMPT, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
         assert out.token_ids == greedy
     finally:
-        llm.output.eos_token_ids = frozenset(llm.pair.layout.eos_token_ids)
+        llm.core.output.eos_token_ids = frozenset(llm.pair.layout.eos_token_ids)
 
 
 def test_stop_strings(llm):

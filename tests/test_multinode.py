@@ -28,7 +28,7 @@ from serve_harness import (
 )
 
 from overfill_serve import LLM, SamplingParams
-from overfill_serve.client import GRPCClient, GRPCError
+from overfill_serve.tools.client import GRPCClient, GRPCError
 
 POOL = "overfill.io/pool"
 PROMPTS = [list(range(10, 40)), list(range(50, 61)), list(range(3, 80))]

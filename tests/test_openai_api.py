@@ -18,17 +18,18 @@ from test_openai_protocol import PAIR, chat_body, completion_body
 from overfill_serve.engine.output_processor import StepOutput
 from overfill_serve.errors import OutOfBlocksError
 from overfill_serve.model.random_model import make_tokenizer
+from overfill_serve.prompt import PromptEncoder
 from overfill_serve.request import FinishReason, Mode, TokenLogprob
 from overfill_serve.serve.model_names import resolve_model
-from overfill_serve.serve.openai_api import SSE_DONE, make_responder, merge_choices, model_list, sse
 from overfill_serve.serve.openai_errors import ApiError, from_exception
-from overfill_serve.serve.openai_protocol import (
+from overfill_serve.serve.openai_requests import (
     ChatCompletionRequest,
     CompletionRequest,
     choice_sampling_params,
     encode_prompt,
     parse_request,
 )
+from overfill_serve.serve.openai_responses import SSE_DONE, make_responder, merge_choices, model_list, sse
 from overfill_serve.serve.served_by import ServedBy
 
 try:
@@ -63,7 +64,7 @@ def steps_for(tok, text: str, *, top: int | None = None, reason=FinishReason.STO
 
 
 def test_model_list():
-    listing = model_list(PAIR, 1700000000, full_model="teacher", pruned_model="student")
+    listing = model_list(PAIR, 1700000000, "teacher", "student")
     assert listing["object"] == "list"
     models = [Model.model_validate(m) for m in listing["data"]]
     assert [m.id for m in models] == [PAIR, f"{PAIR}:overfill", f"{PAIR}:full", f"{PAIR}:pruned"]
@@ -76,7 +77,7 @@ def test_model_list():
         ("student", "student"),
     ]
     assert all(d["overfill"]["description"] for d in listing["data"])
-    assert model_list(PAIR, 0)["data"][3]["overfill"]["mode"] == "pruned"
+    assert model_list(PAIR, 0, "teacher", "student")["data"][3]["overfill"]["mode"] == "pruned"
 
 
 # ---------------------------------------------------------------------------------------------- responses
@@ -248,7 +249,9 @@ async def _aiter(
 
 
 def _serve(tok, fail: Exception | None = None):
-    """A tiny handler doing what the Router does, for the openai client to talk to."""
+    """A tiny handler doing what the ingress does, for the openai client to talk to."""
+
+    prompts = PromptEncoder(tok, len(tok), 4096)
 
     def handler(request: httpx.Request) -> httpx.Response:
         try:
@@ -260,7 +263,7 @@ def _serve(tok, fail: Exception | None = None):
             mode = resolve_model(req.model, PAIR)
             served = ServedBy.of(mode, "teacher", "student")
             choice_sampling_params(req)
-            r = make_responder(req, served, tok, prompt_tokens=len(encode_prompt(req, tok)))
+            r = make_responder(req, served, tok, prompt_tokens=len(encode_prompt(req, prompts)))
             outputs = [(i, s) for i in range(req.num_choices) for s in steps_for(tok, f"answer {i}", top=1)]
             if req.stream:
 

@@ -21,10 +21,11 @@ from overfill_serve.errors import (
     UnauthenticatedError,
 )
 from overfill_serve.model.random_model import make_tokenizer
+from overfill_serve.prompt import PromptEncoder
 from overfill_serve.request import Mode
 from overfill_serve.serve.model_names import resolve_model
 from overfill_serve.serve.openai_errors import ApiError, from_exception
-from overfill_serve.serve.openai_protocol import (
+from overfill_serve.serve.openai_requests import (
     ChatCompletionRequest,
     CompletionRequest,
     choice_sampling_params,
@@ -50,10 +51,13 @@ def chat_body(**kw: Any) -> dict[str, Any]:
 
 
 def expect_400(call, param: str | None) -> ApiError:
-    with pytest.raises(ApiError) as info:
+    """`call` fails with what the ingress answers as a 400 naming `param` (an ApiError, or an
+    InvalidRequestError that maps to one)."""
+    with pytest.raises((ApiError, InvalidRequestError)) as info:
         call()
-    assert (info.value.status, info.value.type, info.value.param) == (400, "invalid_request_error", param)
-    assert info.value.to_json()["error"]["param"] == param
+    error = from_exception(info.value)
+    assert (error.status, error.type, error.param) == (400, "invalid_request_error", param)
+    assert error.to_json()["error"]["param"] == param
     return info.value
 
 
@@ -182,19 +186,20 @@ def test_each_choice_gets_its_own_seed():
 
 
 def test_encode_prompt(tok):
+    prompts = PromptEncoder(tok, len(tok), 4096)
     chat = parse_request(ChatCompletionRequest, chat_body())
-    ids = encode_prompt(chat, tok)
+    ids = encode_prompt(chat, prompts)
     assert tok.decode(ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     text = parse_request(CompletionRequest, completion_body(prompt="Hello world"))
-    assert encode_prompt(text, tok) == tok("Hello world")["input_ids"]
-    ids_req = parse_request(CompletionRequest, completion_body(prompt=[3, 4, 999]))
-    expect_400(lambda: encode_prompt(ids_req, tok, vocab_size=len(tok)), "prompt")
+    assert encode_prompt(text, prompts) == tok("Hello world")["input_ids"]
+    ids_req = parse_request(CompletionRequest, completion_body(prompt=[3, 4, len(tok)]))
+    expect_400(lambda: encode_prompt(ids_req, prompts), "prompt")
     negative = parse_request(CompletionRequest, completion_body(prompt=[3, -1]))
-    expect_400(lambda: encode_prompt(negative, tok), "prompt")
-    expect_400(lambda: encode_prompt(text, tok, max_model_len=2), "prompt")
-    expect_400(lambda: encode_prompt(chat, tok, max_model_len=3), "messages")
+    expect_400(lambda: encode_prompt(negative, prompts), "prompt")
+    expect_400(lambda: encode_prompt(text, PromptEncoder(tok, len(tok), 2)), "prompt")
+    expect_400(lambda: encode_prompt(chat, PromptEncoder(tok, len(tok), 3)), "messages")
     expect_400(
-        lambda: encode_prompt(parse_request(CompletionRequest, completion_body(prompt="")), tok), "prompt"
+        lambda: encode_prompt(parse_request(CompletionRequest, completion_body(prompt="")), prompts), "prompt"
     )
 
 

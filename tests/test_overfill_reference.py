@@ -51,7 +51,7 @@ def test_modes_match_transformers_reference(pairs, kind):
         llm.generate(PROMPTS, params, mode="pruned"),
         [overfill_greedy(student, student, p, MAX_TOKENS, student_layers) for p in PROMPTS],
     )
-    assert llm.pool.num_free == llm.pool.num_blocks
+    assert llm.core.pool.num_free == llm.core.pool.num_blocks
 
 
 def test_overfill_differs_from_both_single_model_modes(width_pair):
@@ -72,7 +72,7 @@ def test_low_precision_close_to_fp32(width_pair, dtype):
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     ref = LLM(width_pair.teacher, width_pair.student, num_kv_blocks=64).generate(PROMPTS, params)
     low = LLM(width_pair.teacher, width_pair.student, dtype=dtype, num_kv_blocks=64)
-    assert low.cache.tensor.dtype == getattr(torch, dtype)
+    assert low.core.cache.tensor.dtype == getattr(torch, dtype)
     out = low.generate(PROMPTS, params)
     first_agree = sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(ref, out))
     assert first_agree >= len(PROMPTS) - 1

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from overfill_serve.errors import ModelConfigError
-from overfill_serve.gpu_specs import BUILTIN_GPUS, GpuSpec, gpu_spec, load_gpu_specs
-from overfill_serve.plan import (
+from overfill_serve.tools.gpu_specs import BUILTIN_GPUS, GpuSpec, gpu_spec, load_gpu_specs
+from overfill_serve.tools.plan import (
     DEPLOYMENTS,
     PRESETS,
     Assumptions,
@@ -24,7 +24,7 @@ from overfill_serve.plan import (
     plan,
     preset_pair,
 )
-from overfill_serve.plan_cli import add_plan_command
+from overfill_serve.tools.plan_cli import add_plan_command
 
 PAIR_3B = "llama-3.2-3b-overfill-1b"
 # Pinned here, not read from the shipped table, so a price update there cannot move the hand computation.

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from overfill_serve.serve.replica_router import load_score, rank_replicas
+from overfill_serve.worker.worker_stats import WorkerStats
 
 
-def _decode(free: int, total: int = 100, running: int = 0, waiting: int = 0) -> dict:
-    return {"free_blocks": free, "total_blocks": total, "running": running, "waiting": waiting}
+def _stats(
+    free: int = 100, total: int = 100, running: int = 0, waiting: int = 0, queued: int = 0
+) -> WorkerStats:
+    return WorkerStats(free, total, waiting, running, 0, queued, 0, 0.0)
+
+
+def _decode(free: int, total: int = 100, running: int = 0, waiting: int = 0) -> WorkerStats:
+    return _stats(free, total, running, waiting)
 
 
 def test_decode_prefers_free_kv_then_fewer_sequences():
@@ -20,17 +27,13 @@ def test_decode_compares_fractions_across_pool_sizes():
 
 
 def test_prefill_prefers_fewest_queued_prompt_tokens():
-    stats = [
-        {"queued_prompt_tokens": 5000, "waiting": 1},
-        {"queued_prompt_tokens": 0, "waiting": 0},
-        {"queued_prompt_tokens": 5000, "waiting": 0},
-    ]
+    stats = [_stats(queued=5000, waiting=1), _stats(queued=0), _stats(queued=5000)]
     assert rank_replicas("prefill", stats) == [1, 2, 0]
 
 
 def test_replicas_without_stats_rank_last_and_ties_spread():
-    assert rank_replicas("decode", [None, _decode(10), {}])[0] == 1
+    assert rank_replicas("decode", [None, _decode(10), None])[0] == 1
     assert {rank_replicas("decode", [_decode(10), None])[0] for _ in range(50)} == {0}
-    firsts = [rank_replicas("prefill", [{"queued_prompt_tokens": 7}] * 3)[0] for _ in range(300)]
+    firsts = [rank_replicas("prefill", [_stats(queued=7)] * 3)[0] for _ in range(300)]
     assert all(firsts.count(i) > 50 for i in range(3))  # equal replicas share the traffic
     assert load_score("decode", None) > load_score("decode", _decode(0))

@@ -28,7 +28,7 @@ PROMPTS = [
 def served():
     from ray import serve
 
-    from overfill_serve.default_model import default_model_dir
+    from overfill_serve.tools.default_model import default_model_dir
 
     model_dir = default_model_dir()  # convert once here, not in three replicas at a time
     config, app = load_app_config()
@@ -67,7 +67,7 @@ def _pools_full():
 
 def test_config_names_the_app_deployments(served):
     _, app = load_app_config()
-    assert {d["name"] for d in app["deployments"]} == {"PrefillServer", "DecodeServer", "Router"}
+    assert {d["name"] for d in app["deployments"]} == {"PrefillServer", "DecodeServer", "Ingress"}
 
 
 def test_openai_chat_and_completion_match_offline(client, offline):
@@ -140,7 +140,7 @@ def test_raw_sse_stream(served, offline):
 
 
 def test_grpc_stream_and_unary(served, offline):
-    from overfill_serve.client import GRPCClient
+    from overfill_serve.tools.client import GRPCClient
 
     want = offline.generate(PROMPTS[2], _greedy(12))[0]
     with GRPCClient(f"127.0.0.1:{GRPC_PORT}", application=APP) as grpc_client:
@@ -226,7 +226,7 @@ def test_bad_http_input(served, path, body, status, param):
 def test_bad_grpc_input(served):
     import grpc
 
-    from overfill_serve.client import GRPCClient, GRPCError
+    from overfill_serve.tools.client import GRPCClient, GRPCError
 
     with GRPCClient(f"127.0.0.1:{GRPC_PORT}", application=APP) as grpc_client:
         with pytest.raises(GRPCError) as e:

@@ -149,7 +149,7 @@ def test_overload_answers_503_with_retry_hint_and_loses_nothing(served):
 def test_overload_grpc_resource_exhausted(served):
     import grpc
 
-    from overfill_serve.client import GRPCClient, GRPCError
+    from overfill_serve.tools.client import GRPCClient, GRPCError
 
     errors: list[GRPCError] = []
     done: list[int] = []
@@ -180,7 +180,7 @@ def test_overload_grpc_resource_exhausted(served):
 def test_api_key_required(served):
     import grpc
 
-    from overfill_serve.client import GRPCClient, GRPCError
+    from overfill_serve.tools.client import GRPCClient, GRPCError
 
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 4}
     for key in (None, "wrong-key"):

@@ -39,7 +39,7 @@ def _wait_ready(proc: subprocess.Popen, timeout: float = 240) -> None:
 
 
 def test_serve_run_config_yaml(tmp_path):
-    from overfill_serve.default_model import default_model_dir
+    from overfill_serve.tools.default_model import default_model_dir
 
     model_dir = default_model_dir()  # converted already: the replicas only load it
     env = {
@@ -72,7 +72,7 @@ def test_serve_run_config_yaml(tmp_path):
         assert response.status == 200
         assert "Paris" in json.loads(response.read())["choices"][0]["message"]["content"]
 
-        from overfill_serve.client import GRPCClient
+        from overfill_serve.tools.client import GRPCClient
 
         with GRPCClient("127.0.0.1:9000", application="overfill") as client:
             reply = client.generate(

@@ -59,7 +59,7 @@ def test_local_modes_match_llm(pairs, reference):
     finally:
         prefill.stop()
         decode.stop()
-    assert prefill.stats()["free_blocks"] == 64 and decode.stats()["free_blocks"] == 64
+    assert prefill.stats().free_blocks == 64 and decode.stats().free_blocks == 64
 
 
 def test_leaving_a_stream_early_frees_blocks(pairs):
@@ -68,10 +68,10 @@ def test_leaving_a_stream_early_frees_blocks(pairs):
     try:
         stream = decode.generate(PROMPTS[2], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
         next(stream)
-        assert decode.stats()["free_blocks"] < 64
+        assert decode.stats().free_blocks < 64
         stream.close()
         deadline = time.monotonic() + 5
-        while decode.stats()["free_blocks"] != 64:
+        while decode.stats().free_blocks != 64:
             assert time.monotonic() < deadline
             time.sleep(0.02)
     finally:
@@ -106,7 +106,7 @@ def test_remote_request_preempted_hands_back_tokens_and_resumes_exactly(pairs):
     finally:
         prefill.stop()
         decode.stop()
-    assert decode.stats()["free_blocks"] == 30
+    assert decode.stats().free_blocks == 30
 
 
 def test_remote_request_preempted_with_swap_stays_on_the_decode_worker(pairs):
@@ -122,7 +122,7 @@ def test_remote_request_preempted_with_swap_stays_on_the_decode_worker(pairs):
     expected = LLM(pair.teacher, pair.student, num_kv_blocks=128, block_size=4).generate(PROMPTS[2], params)[
         0
     ]
-    swap = decode.decode_engine.swap
+    swap = decode.core.swap
     assert swap is not None
     swapped_out: list[str] = []
     swap_out = swap.swap_out
@@ -141,11 +141,11 @@ def test_remote_request_preempted_with_swap_stays_on_the_decode_worker(pairs):
             t.join(timeout=60)
         assert results == [expected.token_ids, expected.token_ids]
         assert swapped_out and swap.num_used == 0
-        assert prefill.stats()["prefilled"] == 2  # no re-prefill
+        assert prefill.stats().prefilled == 2  # no re-prefill
     finally:
         prefill.stop()
         decode.stop()
-    assert decode.stats()["free_blocks"] == 30
+    assert decode.stats().free_blocks == 30
 
 
 def test_latency_window_forgets_old_samples():
@@ -164,12 +164,12 @@ def test_workers_report_recent_ttft_and_tpot(pairs):
     decode = DecodeWorker(pair.student, transfer=config, block_size=4, num_kv_blocks=64).start()
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     try:
-        assert prefill.stats()["ttft_s"] == 0.0 and decode.stats()["tpot_s"] == 0.0
+        assert prefill.stats().ttft_s == 0.0 and decode.stats().tpot_s == 0.0
         start = time.perf_counter()
         assert len(_tokens(decode.generate_from(prefill.submit(PROMPTS[0], params), PROMPTS[0], params))) == 8
         elapsed = time.perf_counter() - start
-        assert 0 < prefill.stats()["ttft_s"] < elapsed
-        assert 0 < decode.stats()["tpot_s"] < elapsed / 4  # 7 decode steps for 8 tokens
+        assert 0 < prefill.stats().ttft_s < elapsed
+        assert 0 < decode.stats().tpot_s < elapsed / 4  # 7 decode steps for 8 tokens
     finally:
         prefill.stop()
         decode.stop()

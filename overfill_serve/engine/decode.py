@@ -4,22 +4,22 @@ yet in the cache (one token normally, more after a preemption or migration) and 
 
 When the pool runs out of blocks the newest request is preempted. With a swap space that has room, its KV is
 swapped out to host memory and back in once blocks free up (swapped requests go before new ones); otherwise
-its blocks are freed and it goes back through `preempt` to be re-prefilled, keeping every token it generated.
+its blocks are freed and the step returns it as `preempted`, to be re-prefilled keeping every token it
+generated.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections import deque
-from collections.abc import Callable
 
 import torch
 
 from overfill_serve.engine.batch import Batch, ScheduledSeq
 from overfill_serve.engine.output_processor import OutputProcessor, StepOutput
 from overfill_serve.engine.runner import ModelRunner
-from overfill_serve.engine.sampler import Sampler
-from overfill_serve.engine.stage import StageEngine, blocks_for
+from overfill_serve.engine.sampler import SampledToken, Sampler
+from overfill_serve.engine.stage import StageEngine, StepResult, blocks_for
 from overfill_serve.kv.block_pool import BlockPool
 from overfill_serve.kv.swap_space import SwapSpace
 from overfill_serve.request import Request, RequestStatus
@@ -36,34 +36,44 @@ class DecodeEngine(StageEngine):
         pool: BlockPool,
         sampler: Sampler,
         output: OutputProcessor,
-        preempt: Callable[[Request], None],
-        max_num_seqs: int = 64,
+        max_num_seqs: int,
         swap: SwapSpace | None = None,
     ) -> None:
         super().__init__(runner, pool, sampler, output)  # waiting: KV present, not yet admitted
-        self.preempt = preempt
         self.max_num_seqs = max_num_seqs
         self.swap = swap
         self.swapped: deque[Request] = deque()  # KV in the swap space, oldest first
+        self._preempted: list[Request] = []  # this step's requests to re-prefill
 
     def queues(self) -> tuple[deque[Request] | list[Request], ...]:
         return (self.waiting, self.running, self.swapped)
 
-    def abort(self, request_id: str) -> Request | None:
+    def abort(self, request_id: str, error: BaseException | None = None) -> Request | None:
         if self.swap is not None:
             self.swap.discard(request_id)  # a no-op unless the request is swapped out
-        return super().abort(request_id)
+        return super().abort(request_id, error)
 
-    def add(self, request: Request) -> None:
+    def add(self, request: Request, first_token: SampledToken | None = None) -> StepOutput | None:
+        """Take over a request whose prompt KV is in the pool. `first_token` (sampled by the prefill model) is
+        streamed first: a request it already finishes (a stop token, max_tokens=1) ends here. Without it the
+        request resumes with the tokens it has."""
+        out = None
+        if first_token is not None:
+            out = self.output.append(request, first_token)
+            if request.finish_reason is not None:
+                self._finish(request, RequestStatus.FINISHED, request.finish_reason)
+                return out
         assert request.block_table and request.output_token_ids, "decode needs prompt KV and a first token"
         self.waiting.append(request)
+        return out
 
-    def step(self) -> list[StepOutput]:
+    def step(self) -> StepResult:
         batch = self._schedule()
+        preempted, self._preempted = tuple(self._preempted), []
         if not batch:
-            return []
+            return StepResult(preempted=preempted)
         logits = self.runner.run(batch)
-        return self._postprocess(batch, logits)
+        return StepResult(self._postprocess(batch, logits), preempted=preempted)
 
     def _schedule(self) -> Batch:
         self._swap_in()
@@ -134,10 +144,9 @@ class DecodeEngine(StageEngine):
         self.pool.free(request.block_table)
         request.block_table = []
         request.num_computed_tokens = 0
-        self.preempt(request)
+        self._preempted.append(request)
 
-    def _postprocess(self, batch: Batch, logits: torch.Tensor) -> list[StepOutput]:
-        assert self.output is not None, "the decode stage always detokenizes and checks stops"
+    def _postprocess(self, batch: Batch, logits: torch.Tensor) -> tuple[StepOutput, ...]:
         by_id = {r.request_id: r for r in self.running}
         requests = [by_id[s.request_id] for s in batch.seqs]
         outputs = []
@@ -147,4 +156,4 @@ class DecodeEngine(StageEngine):
             if request.finish_reason is not None:
                 self.running.remove(request)
                 self._finish(request, RequestStatus.FINISHED, request.finish_reason)
-        return outputs
+        return tuple(outputs)

@@ -4,30 +4,24 @@ OverFill mode) and samples each request's first token from that model's logits.
 A request is admitted only when blocks for its whole prompt are free, so a chunked prefill never stalls half
 way for memory. A request coming back from a decode-side preemption (it already has output tokens) is
 prefilled over its prompt only and handed over without sampling: the decode model recomputes its own KV for
-the tokens it generated.
+the tokens it generated. The first token is not detokenized here: whoever decodes the request streams it
+(`DecodeEngine.add`), on this worker or across the KV channel.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 from overfill_serve.engine.batch import Batch, ScheduledSeq
-from overfill_serve.engine.output_processor import OutputProcessor, StepOutput
+from overfill_serve.engine.output_processor import OutputProcessor
 from overfill_serve.engine.runner import ModelRunner
 from overfill_serve.engine.sampler import Sampler
-from overfill_serve.engine.stage import StageEngine, blocks_for
+from overfill_serve.engine.stage import Prefilled, StageEngine, StepResult, blocks_for
 from overfill_serve.kv.block_pool import BlockPool
 from overfill_serve.request import Request, RequestStatus
-
-
-@dataclass(frozen=True)
-class PrefillResult:
-    outputs: tuple[StepOutput, ...]  # first tokens, to stream at once
-    handed_over: tuple[Request, ...]  # prompt KV complete; continue on a decode engine
 
 
 class PrefillEngine(StageEngine):
@@ -36,9 +30,9 @@ class PrefillEngine(StageEngine):
         runner: ModelRunner,
         pool: BlockPool,
         sampler: Sampler,
-        output: OutputProcessor | None,
-        max_num_batched_tokens: int = 2048,
-        max_num_seqs: int = 64,
+        output: OutputProcessor,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
         on_layer: Callable[[Batch, int], None] | None = None,
     ) -> None:
         super().__init__(runner, pool, sampler, output)  # running: blocks allocated, prompt partly computed
@@ -50,10 +44,14 @@ class PrefillEngine(StageEngine):
         request.mark(RequestStatus.ROUTED)
         self.waiting.appendleft(request) if front else self.waiting.append(request)
 
-    def step(self) -> PrefillResult:
+    @property
+    def queued_prompt_tokens(self) -> int:
+        return sum(r.num_prompt_tokens - r.num_computed_tokens for q in self.queues() for r in q)
+
+    def step(self) -> StepResult:
         batch = self._schedule()
         if not batch:
-            return PrefillResult((), ())
+            return StepResult()
         hook = None if self.on_layer is None else partial(self.on_layer, batch)
         logits = self.runner.run(batch, on_layer=hook)
         return self._postprocess(batch, logits)
@@ -89,31 +87,19 @@ class PrefillEngine(StageEngine):
             )
         return Batch(tuple(seqs))
 
-    def _postprocess(self, batch: Batch, logits: torch.Tensor) -> PrefillResult:
+    def _postprocess(self, batch: Batch, logits: torch.Tensor) -> StepResult:
         by_id = {r.request_id: r for r in self.running}
-        done: list[Request] = []
+        sampling = [by_id[s.request_id] for s in batch.sampled]
+        tokens = self.sampler(logits, sampling) if sampling else []
+        first = {r.request_id: token for r, token in zip(sampling, tokens)}
+        prefilled = []
         for seq in batch.seqs:
             request = by_id[seq.request_id]
             request.num_computed_tokens = seq.context_len
             if seq.context_len == request.num_prompt_tokens:
-                done.append(request)
-        sampling = [by_id[s.request_id] for s in batch.sampled]
-        sampled = self.sampler(logits, sampling) if sampling else []
-        outputs = []
-        for request, token in zip(sampling, sampled):
-            request.stamp("first_token")
-            if self.output is not None:
-                outputs.append(self.output.append(request, token))
-            else:  # disaggregated: the decode side detokenizes and checks stops, first token included
-                request.output_token_ids.append(token.token_id)
-                if token.logprob is not None:
-                    request.output_logprobs.append(token.logprob)
-        handed_over = []
-        for request in done:
-            self.running.remove(request)
-            if request.finish_reason is not None:
-                self._finish(request, RequestStatus.FINISHED, request.finish_reason)
-            else:
+                self.running.remove(request)
                 request.mark(RequestStatus.KV_IN_FLIGHT)
-                handed_over.append(request)
-        return PrefillResult(tuple(outputs), tuple(handed_over))
+                if request.request_id in first:
+                    request.stamp("first_token")
+                prefilled.append(Prefilled(request, first.get(request.request_id)))
+        return StepResult(prefilled=tuple(prefilled))

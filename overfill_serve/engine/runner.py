@@ -1,6 +1,7 @@
 """`ModelRunner`: turns a `Batch` into tensors and runs one model over the paged KV cache.
 
-Runners hold no queues; a runner knows its model, the cache and which cache layer each model layer uses.
+Runners hold no queues; a runner knows its model, the cache and which cache layer each model layer uses
+(`kept_layers`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from overfill_serve.model.llama import CausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: PagedKVCache, cache_layers: tuple[int, ...]) -> None:
-        assert len(cache_layers) == model.spec.num_layers
+    def __init__(self, model: CausalLM, cache: PagedKVCache, kept_layers: tuple[int, ...]) -> None:
+        assert len(kept_layers) == model.spec.num_layers
         self.model = model
         self.cache = cache
-        self.kv = cache.layers(cache_layers)
+        self.kv = cache.layers(kept_layers)
         self.device = model.device
 
     def run(self, batch: Batch, on_layer: Callable[[int], None] | None = None) -> torch.Tensor:

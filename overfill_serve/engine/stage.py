@@ -1,13 +1,15 @@
-"""`StageEngine`: what the prefill and decode engines share — their queues, the block pool they draw from,
-and how a request leaves them (finished or aborted) with every block returned."""
+"""`StageEngine`: what the prefill and decode engines share — their queues, the block pool they draw from, how
+a request leaves them (finished, aborted or failed) with every block returned — and `StepResult`, what one
+step of either stage produces."""
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
-from overfill_serve.engine.output_processor import OutputProcessor
+from overfill_serve.engine.output_processor import OutputProcessor, StepOutput
 from overfill_serve.engine.runner import ModelRunner
-from overfill_serve.engine.sampler import Sampler
+from overfill_serve.engine.sampler import SampledToken, Sampler
 from overfill_serve.kv.block_pool import BlockPool
 from overfill_serve.request import FinishReason, Request, RequestStatus
 
@@ -16,9 +18,25 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
+@dataclass(frozen=True)
+class Prefilled:
+    """A request whose prompt KV is complete, with the first token the prefill model sampled (None when the
+    request resumes after a preemption with the tokens it already has)."""
+
+    request: Request
+    first_token: SampledToken | None
+
+
+@dataclass(frozen=True)
+class StepResult:
+    outputs: tuple[StepOutput, ...] = ()  # new tokens to stream, one per request that got one
+    prefilled: tuple[Prefilled, ...] = ()  # prefill: ready to decode
+    preempted: tuple[Request, ...] = ()  # decode: blocks freed; the prompt must be prefilled again
+
+
 class StageEngine:
     def __init__(
-        self, runner: ModelRunner, pool: BlockPool, sampler: Sampler, output: OutputProcessor | None
+        self, runner: ModelRunner, pool: BlockPool, sampler: Sampler, output: OutputProcessor
     ) -> None:
         self.runner, self.pool, self.sampler, self.output = runner, pool, sampler, output
         self.block_size = runner.cache.block_size
@@ -32,13 +50,16 @@ class StageEngine:
     def has_work(self) -> bool:
         return any(self.queues())
 
-    def abort(self, request_id: str) -> Request | None:
-        """Drop a request wherever it is in this engine and free its blocks; None if it is not here."""
+    def abort(self, request_id: str, error: BaseException | None = None) -> Request | None:
+        """Drop a request wherever it is in this engine and free its blocks, marked aborted (or failed, with
+        `error`); None if it is not here."""
         for queue in self.queues():
             for request in queue:
                 if request.request_id == request_id:
                     queue.remove(request)
                     self._finish(request, RequestStatus.ABORTED, FinishReason.ABORT)
+                    if error is not None:
+                        request.fail(error)
                     return request
         return None
 
@@ -47,5 +68,4 @@ class StageEngine:
         request.block_table = []
         request.finish_reason = request.finish_reason or reason
         request.mark(status)
-        if self.output is not None:
-            self.output.release(request.request_id)
+        self.output.release(request.request_id)

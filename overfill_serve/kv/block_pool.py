@@ -7,18 +7,17 @@ from collections import deque
 
 
 class BlockPool:
-    """A free list of block ids with reference counts.
+    """A free list of block ids.
 
-    A block returns to the free list when its last reference is released. Thread-safe: in a disaggregated
-    worker the engine thread and the KV-channel threads allocate from the same pool. Double frees and foreign
-    ids are internal bugs, so they assert.
+    Thread-safe: in a disaggregated worker the engine thread and the KV-channel threads allocate from the same
+    pool. Double frees and foreign ids are internal bugs, so they assert.
     """
 
     def __init__(self, num_blocks: int) -> None:
         assert num_blocks > 0
         self.num_blocks = num_blocks
         self._free: deque[int] = deque(range(num_blocks))
-        self._refs = [0] * num_blocks
+        self._used = [False] * num_blocks
         self._lock = threading.Lock()
 
     @property
@@ -30,26 +29,18 @@ class BlockPool:
         return self.num_blocks - len(self._free)
 
     def allocate(self, n: int) -> list[int] | None:
-        """Take n free blocks (reference count 1), or None (and nothing) when fewer than n are free."""
+        """Take n free blocks, or None (and nothing) when fewer than n are free."""
         with self._lock:
             if n > len(self._free):
                 return None
             blocks = [self._free.popleft() for _ in range(n)]
             for b in blocks:
-                self._refs[b] = 1
+                self._used[b] = True
             return blocks
-
-    def share(self, blocks: list[int]) -> None:
-        """Add a reference to blocks already in use (a second holder, e.g. a transfer lease)."""
-        with self._lock:
-            for b in blocks:
-                assert self._refs[b] > 0, f"block {b} is free"
-                self._refs[b] += 1
 
     def free(self, blocks: list[int]) -> None:
         with self._lock:
             for b in blocks:
-                assert self._refs[b] > 0, f"block {b} freed twice"
-                self._refs[b] -= 1
-                if self._refs[b] == 0:
-                    self._free.append(b)
+                assert self._used[b], f"block {b} freed twice"
+                self._used[b] = False
+                self._free.append(b)

@@ -32,25 +32,12 @@ class PagedKVCache:
     ) -> int:
         return num_layers * 2 * block_size * num_kv_heads * head_dim * dtype.itemsize
 
-    @classmethod
-    def blocks_for_budget(
-        cls,
-        memory_bytes: int,
-        num_layers: int,
-        block_size: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-    ) -> int:
-        """How many blocks fit in a memory budget."""
-        return memory_bytes // cls.bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype)
-
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tensor[i, 0], self.tensor[i, 1]
 
-    def layers(self, ids: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(K, V) views for a model whose layer j uses cache layer ids[j] (a depth-pruned student's map)."""
-        return [self.layer(i) for i in ids]
+    def layers(self, kept_layers: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(K, V) views for a model whose layer j uses cache layer kept_layers[j] (a depth-pruned student)."""
+        return [self.layer(i) for i in kept_layers]
 
     @property
     def nbytes(self) -> int:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 # Key in the student's config.json naming the teacher layers whose KV its layers attend to.
 KEPT_LAYERS_KEY = "overfill_kept_layers"
 KEPT_LAYER_STRATEGIES = ("firstlast", "first", "last")
+# A kept-layer map as users give it: a strategy name, explicit teacher layer ids, or None (all layers).
+KeptLayers = str | Sequence[int] | None
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,7 @@ def _rope_spec(config: dict[str, Any], source: str) -> RopeSpec:
 
 
 def resolve_kept_layers(
-    strategy: str | list[int] | tuple[int, ...] | None, num_teacher_layers: int, num_student_layers: int
+    kept_layers: KeptLayers, num_teacher_layers: int, num_student_layers: int
 ) -> tuple[int, ...]:
     """The teacher layer each student layer attends to.
 
@@ -159,25 +163,27 @@ def resolve_kept_layers(
     student's budget; "first" / "last" keep a prefix / suffix; an explicit list is checked and returned.
     """
     t, s = num_teacher_layers, num_student_layers
-    if strategy is None:
+    if kept_layers is None:
         if s != t:
             raise ModelConfigError(
                 f"student has {s} layers and teacher {t}: a kept-layer map is needed "
                 f"(one of {KEPT_LAYER_STRATEGIES} or an explicit list)"
             )
         return tuple(range(t))
-    if isinstance(strategy, str):
-        if strategy == "first":
+    if isinstance(kept_layers, str):
+        if kept_layers == "first":
             kept = list(range(s))
-        elif strategy == "last":
+        elif kept_layers == "last":
             kept = list(range(t - s, t))
-        elif strategy == "firstlast":
+        elif kept_layers == "firstlast":
             head = math.ceil(s / 2)
             kept = list(range(head)) + list(range(t - (s - head), t))
         else:
-            raise ModelConfigError(f"unknown kept-layer strategy {strategy!r}; use {KEPT_LAYER_STRATEGIES}")
+            raise ModelConfigError(
+                f"unknown kept-layer strategy {kept_layers!r}; use {KEPT_LAYER_STRATEGIES}"
+            )
     else:
-        kept = [int(i) for i in strategy]
+        kept = [int(i) for i in kept_layers]
     if len(kept) != s:
         raise ModelConfigError(f"kept-layer map {kept} has {len(kept)} entries for a {s}-layer student")
     if s > t or len(set(kept)) != len(kept) or any(not 0 <= i < t for i in kept) or kept != sorted(kept):
@@ -191,7 +197,8 @@ def resolve_kept_layers(
 class KVLayout:
     """What a KV cache must look like for a student to decode on a teacher's prompt KV.
 
-    Checked when a pair is loaded and again at every KV-channel handshake.
+    `kept_layers[j]` is the teacher layer whose KV the student's layer j attends to (every teacher layer, in
+    order, for a teacher's own layout). Checked when a pair is loaded and again at every KV-channel handshake.
     """
 
     num_teacher_layers: int
@@ -204,6 +211,49 @@ class KVLayout:
     dtype: str
     block_size: int
 
+    @classmethod
+    def of_teacher(cls, teacher: ModelSpec, dtype: str, block_size: int) -> KVLayout:
+        """The layout a teacher's prefill produces: every one of its layers."""
+        return cls(
+            num_teacher_layers=teacher.num_layers,
+            kept_layers=tuple(range(teacher.num_layers)),
+            num_kv_heads=teacher.num_kv_heads,
+            head_dim=teacher.head_dim,
+            rope=teacher.rope,
+            vocab_size=teacher.vocab_size,
+            eos_token_ids=teacher.eos_token_ids,
+            dtype=dtype,
+            block_size=block_size,
+        )
+
+    @classmethod
+    def of_student(
+        cls,
+        student: ModelSpec,
+        kept_layers: KeptLayers,
+        num_teacher_layers: int | None,
+        dtype: str,
+        block_size: int,
+    ) -> KVLayout:
+        """The layout a student expects from its teacher, from the student alone: its kept-layer map (argument,
+        or its config) and, when known, the teacher's depth. A depth-pruned student's map names teacher
+        layers, so without the teacher's depth the highest kept layer bounds it."""
+        kept_layers = kept_layers if kept_layers is not None else student.kept_layers
+        if num_teacher_layers is None:
+            explicit = kept_layers is not None and not isinstance(kept_layers, str)
+            num_teacher_layers = max(int(i) for i in kept_layers) + 1 if explicit else student.num_layers  # type: ignore[union-attr]
+        kept = resolve_kept_layers(kept_layers, num_teacher_layers, student.num_layers)
+        own = cls.of_teacher(student, dtype, block_size)
+        return replace(own, num_teacher_layers=num_teacher_layers, kept_layers=kept)
+
+    @cached_property
+    def _local(self) -> dict[int, int]:
+        return {teacher_layer: j for j, teacher_layer in enumerate(self.kept_layers)}
+
+    def local_layer(self, teacher_layer: int) -> int | None:
+        """Where the student keeps a teacher layer's KV (its own layer index); None if it does not keep it."""
+        return self._local.get(teacher_layer)
+
     def diff(self, other: KVLayout, ignore: tuple[str, ...] = ()) -> list[str]:
         """One line per differing field (except `ignore`d ones), empty when the layouts match."""
         return [
@@ -211,6 +261,18 @@ class KVLayout:
             for f in fields(self)
             if f.name not in ignore and getattr(self, f.name) != getattr(other, f.name)
         ]
+
+    def mismatches(self, student: KVLayout) -> list[str]:
+        """Why a student expecting `student` cannot decode on the KV this teacher layout produces: every
+        differing field, and a kept-layer map that does not fit this teacher's layers."""
+        problems = self.diff(student, ignore=("kept_layers", "num_teacher_layers"))
+        try:
+            resolve_kept_layers(student.kept_layers, self.num_teacher_layers, len(student.kept_layers))
+        except ModelConfigError as e:
+            problems.append(f"kept_layers: {e}")
+        if not student.kept_layers:
+            problems.append("kept_layers: empty")
+        return problems
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

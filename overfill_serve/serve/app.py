@@ -1,7 +1,7 @@
 """The Serve application: `serve run cluster/config.yaml` imports `build_app` with the config's `args`.
 
 Deployment resources, replicas and autoscaling come from the config file's `deployments:` section, by name
-(`PrefillServer`, `DecodeServer`, `Router`); the defaults below start on a 2-core CPU machine.
+(`PrefillServer`, `DecodeServer`, `Ingress`); the defaults below start on a 2-core CPU machine.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from ray.serve import Application
 
 from overfill_serve.serve.config import ServeConfig
 from overfill_serve.serve.deployments import DecodeServer, PrefillServer
+from overfill_serve.serve.ingress import Ingress
 from overfill_serve.serve.replica_router import request_router_config
-from overfill_serve.serve.router import Router
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
@@ -31,4 +31,4 @@ def build_app_with(config: ServeConfig, options: dict[str, dict[str, Any]] | Non
     decode = DecodeServer.options(  # type: ignore[attr-defined]
         request_router_config=request_router_config("decode"), **options.get("DecodeServer", {})
     ).bind(config)
-    return Router.options(**options.get("Router", {})).bind(config, prefill, decode)  # type: ignore[attr-defined]
+    return Ingress.options(**options.get("Ingress", {})).bind(config, prefill, decode)  # type: ignore[attr-defined]

@@ -2,7 +2,7 @@
 
 - prefill replicas on queued prompt tokens (compute-bound work waiting for the teacher), and optionally on
   recent TTFT against a target;
-- decode replicas on KV-block utilisation and running sequences (memory-bound work on the student), and
+- decode replicas on KV-block utilisation and the requests they hold (memory-bound work on the student), and
   optionally on recent TPOT against a target.
 
 `desired_replicas` is the pure decision; `RoleAutoscaler` adapts it to Ray Serve's custom autoscaling policy
@@ -20,8 +20,20 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from overfill_serve.errors import ModelConfigError
+from overfill_serve.worker.worker_stats import WorkerStats
 
 ROLES = ("prefill", "decode")
+
+
+def autoscaling_signals(stats: WorkerStats) -> dict[str, float]:
+    """What a replica reports through `record_autoscaling_stats`: every role's signals, by target name."""
+    return {
+        "queued_prompt_tokens": float(stats.queued_prompt_tokens),
+        "kv_utilization": stats.kv_utilization,
+        "requests": float(stats.num_requests),
+        "ttft_s": stats.ttft_s,
+        "tpot_s": stats.tpot_s,
+    }
 
 
 def replica_load(role: str, stats: Mapping[str, float], targets: Mapping[str, float]) -> float:
@@ -29,7 +41,7 @@ def replica_load(role: str, stats: Mapping[str, float], targets: Mapping[str, fl
     role's signals. A latency over its target counts like work over target (latency x replicas / target is
     the usual proportional rule); latency targets are optional (absent from `targets`: not used)."""
     signals = (
-        ("queued_prompt_tokens", "ttft_s") if role == "prefill" else ("kv_utilization", "running", "tpot_s")
+        ("queued_prompt_tokens", "ttft_s") if role == "prefill" else ("kv_utilization", "requests", "tpot_s")
     )
     return max(stats.get(name, 0.0) / targets[name] for name in signals if name in targets)
 
@@ -48,15 +60,16 @@ def desired_replicas(
 
 class RoleAutoscaler:
     """`autoscaling_config.policy: {policy_function: overfill_serve.serve.autoscaling:RoleAutoscaler,
-    policy_kwargs: {role: decode, kv_utilization: 0.7, running: 24, tpot_s: 0.05, downscale_delay_s: 30}}`.
-    `ttft_s` (prefill) and `tpot_s` (decode) are optional latency targets in seconds."""
+    policy_kwargs: {role: decode, kv_utilization: 0.7, requests: 24, tpot_s: 0.05, downscale_delay_s: 30}}`.
+    `requests`: requests a decode replica holds (running, waiting or swapped out). `ttft_s` (prefill) and
+    `tpot_s` (decode) are optional latency targets in seconds."""
 
     def __init__(
         self,
         role: str,
         queued_prompt_tokens: float = 4096,
         kv_utilization: float = 0.7,
-        running: float = 32,
+        requests: float = 32,
         ttft_s: float | None = None,
         tpot_s: float | None = None,
         downscale_delay_s: float = 30.0,
@@ -67,7 +80,7 @@ class RoleAutoscaler:
         self.targets = {
             "queued_prompt_tokens": queued_prompt_tokens,
             "kv_utilization": kv_utilization,
-            "running": running,
+            "requests": requests,
             **({"ttft_s": ttft_s} if ttft_s is not None else {}),
             **({"tpot_s": tpot_s} if tpot_s is not None else {}),
         }

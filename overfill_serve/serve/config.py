@@ -1,4 +1,8 @@
-"""`ServeConfig`: the application's settings, read from the `args` of a Serve config file."""
+"""`ServeConfig`: the application's settings, read from the `args` of a Serve config file.
+
+Each pool's engine is an `EngineConfig` (`prefill:` / `decode:` sections in the file, any `EngineConfig`
+field); an engine field at the top level of `args` applies to both pools, a section's to its pool only.
+"""
 
 from __future__ import annotations
 
@@ -8,40 +12,66 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from overfill_serve.engine.config import EngineConfig
 from overfill_serve.errors import ModelConfigError
+from overfill_serve.model.spec import KeptLayers
 from overfill_serve.transfer.auth import SECRET_ENV, load_secret
 from overfill_serve.transfer.config import TransferConfig
 
 API_KEY_ENV = "OVERFILL_API_KEY"
+ROLES = ("prefill", "decode")
+# Sized for a 2-core CPU machine; a swap space lets a squeezed decode replica keep its remote requests.
+POOL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "prefill": {"num_kv_blocks": 512, "max_num_seqs": 32},
+    "decode": {"num_kv_blocks": 512, "max_num_seqs": 32, "num_swap_blocks": 256},
+}
+# Flat keys of earlier config files: (pool, EngineConfig field).
+LEGACY_KEYS = {
+    "prefill_kv_blocks": ("prefill", "num_kv_blocks"),
+    "decode_kv_blocks": ("decode", "num_kv_blocks"),
+    "decode_swap_blocks": ("decode", "num_swap_blocks"),
+}
+ENGINE_FIELDS = frozenset(f.name for f in fields(EngineConfig))
 
 
 @dataclass(frozen=True)
 class ServeConfig:
     pair_name: str = "smollm2-135m"  # the OpenAI model name; ":full" / ":pruned" select the other modes
-    prefill_model: str | None = None  # full-model directory; None: the embedded default
-    decode_model: str | None = None  # pruned-model directory; None: the prefill model
-    kept_layers: str | list[int] | None = None  # depth-pruned student's map, if not in its config.json
-    dtype: str = "float32"
-    device: str = "cpu"
-    block_size: int = 16
-    prefill_kv_blocks: int = 512
-    decode_kv_blocks: int = 512
-    decode_swap_blocks: int = 256  # host memory for preempted decodes' KV (0: hand them back for re-prefill)
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 2048
-    max_inflight_requests: int = 64  # per router replica; beyond it: 503 / RESOURCE_EXHAUSTED
+    prefill_model: str | None = None  # full-model (teacher) directory; None: the embedded default
+    decode_model: str | None = None  # pruned-model (student) directory; None: the prefill model
+    kept_layers: KeptLayers = None  # depth-pruned student's map, if not in its config.json
+    prefill: EngineConfig = field(default_factory=lambda: EngineConfig(**POOL_DEFAULTS["prefill"]))
+    decode: EngineConfig = field(default_factory=lambda: EngineConfig(**POOL_DEFAULTS["decode"]))
+    max_inflight_requests: int = 64  # per ingress replica; beyond it: 503 / RESOURCE_EXHAUSTED
     max_migrations: int = 2  # re-prefill + continue elsewhere when a decode replica dies or preempts
-    pool_check_period_s: float = 5.0  # how often the router re-reads the pools' replicas and placement
+    pool_check_period_s: float = 5.0  # how often the ingress re-reads the pools' replicas and placement
     api_key: str | None = None  # Bearer token for the HTTP and gRPC APIs; None: $OVERFILL_API_KEY or open
     transfer: dict[str, Any] = field(default_factory=dict)  # TransferConfig fields
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> ServeConfig:
         args = dict(args or {})
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} | ENGINE_FIELDS | set(LEGACY_KEYS)
         unknown = sorted(set(args) - known)
         if unknown:
             raise ModelConfigError(f"unknown application args {unknown}; known: {sorted(known)}")
+        shared = {k: args.pop(k) for k in list(args) if k in ENGINE_FIELDS}
+        pools = {role: {**POOL_DEFAULTS[role], **shared} for role in ROLES}
+        for key, (role, name) in LEGACY_KEYS.items():
+            if key in args:
+                pools[role][name] = args.pop(key)
+        engines = {
+            role: _engine_config(role, {**pools[role], **(args.pop(role, None) or {})}) for role in ROLES
+        }
+        mismatched = [
+            k
+            for k in ("dtype", "block_size")
+            if getattr(engines["prefill"], k) != getattr(engines["decode"], k)
+        ]
+        if mismatched:
+            raise ModelConfigError(
+                f"the KV moves between the pools: their {' and '.join(mismatched)} must match"
+            )
         transfer = dict(args.pop("transfer", None) or {})
         # Replicas of one application share the KV-channel secret; without one, make it per application.
         transfer.setdefault("secret", os.environ.get(SECRET_ENV) or secrets.token_hex(32))
@@ -49,18 +79,27 @@ class ServeConfig:
         TransferConfig(**{k: v for k, v in transfer.items() if k != "host"})
         load_secret(transfer["secret"])
         api_key = args.pop("api_key", None) or os.environ.get(API_KEY_ENV)
-        return cls(**args, transfer=transfer, api_key=api_key)
+        return cls(
+            **args, prefill=engines["prefill"], decode=engines["decode"], transfer=transfer, api_key=api_key
+        )
 
     def transfer_config(self, host: str) -> TransferConfig:
         return TransferConfig(**{**self.transfer, "host": host})
 
     def model_dirs(self) -> tuple[Path, Path]:
-        """(prefill, decode) model directories; converts the embedded default on first use."""
+        """(teacher, student) model directories; converts the embedded default on first use."""
         if self.prefill_model is None:
-            from overfill_serve.default_model import default_model_dir
+            from overfill_serve.tools.default_model import default_model_dir
 
-            prefill = default_model_dir()
+            teacher = default_model_dir()
         else:
-            prefill = Path(self.prefill_model).expanduser()
-        decode = Path(self.decode_model).expanduser() if self.decode_model is not None else prefill
-        return prefill, decode
+            teacher = Path(self.prefill_model).expanduser()
+        student = Path(self.decode_model).expanduser() if self.decode_model is not None else teacher
+        return teacher, student
+
+
+def _engine_config(role: str, settings: dict[str, Any]) -> EngineConfig:
+    unknown = sorted(set(settings) - ENGINE_FIELDS)
+    if unknown:
+        raise ModelConfigError(f"unknown {role} engine settings {unknown}; known: {sorted(ENGINE_FIELDS)}")
+    return EngineConfig(**settings)

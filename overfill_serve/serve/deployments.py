@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from typing import Any
 
 import ray
@@ -16,7 +17,9 @@ from ray import serve
 
 from overfill_serve.engine.output_processor import StepOutput
 from overfill_serve.errors import OverfillError
+from overfill_serve.model.spec import ModelSpec
 from overfill_serve.sampling_params import SamplingParams
+from overfill_serve.serve.autoscaling import autoscaling_signals
 from overfill_serve.serve.config import ServeConfig
 from overfill_serve.serve.metrics import ReplicaMetrics
 from overfill_serve.worker.decode_worker import DecodeWorker
@@ -24,17 +27,6 @@ from overfill_serve.worker.model_worker import ModelWorker
 from overfill_serve.worker.prefill_worker import PrefillWorker, TransferTicket
 
 log = logging.getLogger(__name__)
-
-
-def _worker_kwargs(config: ServeConfig, num_kv_blocks: int) -> dict:
-    return dict(
-        dtype=config.dtype,
-        device=config.device,
-        block_size=config.block_size,
-        num_kv_blocks=num_kv_blocks,
-        max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=config.max_num_batched_tokens,
-    )
 
 
 class _ModelServer:
@@ -50,28 +42,21 @@ class _ModelServer:
             yield out
 
     def stats(self) -> dict:
+        """The worker's `WorkerStats` as a dict, with where this replica runs; read by the replica router
+        (`record_routing_stats`) to rank replicas."""
         stats = self.worker.stats()
         self.metrics.observe(stats)
         return {
-            **stats,
+            **stats.to_dict(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "replica_id": serve.get_replica_context().replica_id.unique_id,
         }
 
+    record_routing_stats = stats
+
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Read by `RoleAutoscaler` (autoscaling.py): what limits this replica's pool."""
-        stats = self.worker.stats()
-        return {
-            "queued_prompt_tokens": float(stats.get("queued_prompt_tokens", 0)),
-            "kv_utilization": 1.0 - stats["free_blocks"] / stats["total_blocks"],
-            "running": float(stats["running"] + stats["waiting"]),
-            "ttft_s": float(stats.get("ttft_s", 0.0)),
-            "tpot_s": float(stats["tpot_s"]),
-        }
-
-    def record_routing_stats(self) -> dict:
-        """Read by the replica router (`replica_router.py`) to rank replicas."""
-        return self.stats()
+        return autoscaling_signals(self.worker.stats())
 
     def check_health(self) -> None:
         if self.worker.loop.error is not None:
@@ -101,14 +86,12 @@ class PrefillServer(_ModelServer):
     worker: PrefillWorker
 
     def __init__(self, config: ServeConfig) -> None:
-        prefill_dir, _ = config.model_dirs()
+        teacher_dir, _ = config.model_dirs()
         transfer = config.transfer_config(ray.util.get_node_ip_address())
-        self.worker = PrefillWorker(
-            prefill_dir, transfer=transfer, **_worker_kwargs(config, config.prefill_kv_blocks)
-        )
+        self.worker = PrefillWorker(teacher_dir, transfer=transfer, **asdict(config.prefill))
         self.worker.start()
         self.metrics = ReplicaMetrics("prefill")
-        log.info("prefill replica ready: %s, KV server %s", prefill_dir, self.worker.address)
+        log.info("prefill replica ready: %s, KV server %s", teacher_dir, self.worker.address)
 
     def submit(
         self,
@@ -118,9 +101,6 @@ class PrefillServer(_ModelServer):
         generated_token_ids: list[int] | None = None,
     ) -> TransferTicket:
         return self.worker.submit(prompt_token_ids, params, request_id, generated_token_ids)
-
-    def abort_transfer(self, transfer_id: str, reason: str) -> None:
-        self.worker.abort_transfer(transfer_id, reason)
 
     def __del__(self) -> None:
         # Serve calls this once the replica has no request in flight (scale-down, redeploy). KV it offered
@@ -136,23 +116,20 @@ class DecodeServer(_ModelServer):
     worker: DecodeWorker
 
     def __init__(self, config: ServeConfig) -> None:
-        prefill_dir, decode_dir = config.model_dirs()
-        from overfill_serve.model.spec import ModelSpec
-
-        teacher_layers = ModelSpec.from_dir(prefill_dir).num_layers if prefill_dir.is_dir() else None
-        transfer = config.transfer_config(ray.util.get_node_ip_address())
+        teacher_dir, student_dir = config.model_dirs()
+        # The teacher's depth bounds a depth-pruned student's map; its directory may not be on this node.
+        teacher_layers = ModelSpec.from_dir(teacher_dir).num_layers if teacher_dir.is_dir() else None
         self.worker = DecodeWorker(
-            decode_dir,
-            transfer=transfer,
+            student_dir,
+            transfer=config.transfer_config(ray.util.get_node_ip_address()),
             kept_layers=config.kept_layers,
             num_teacher_layers=teacher_layers,
-            num_swap_blocks=config.decode_swap_blocks,
-            **_worker_kwargs(config, config.decode_kv_blocks),
+            **asdict(config.decode),
         )
         self.worker.start()
         self.metrics = ReplicaMetrics("decode")
         self.worker.on_transfer = self.metrics.observe_transfer
-        log.info("decode replica ready: %s", decode_dir)
+        log.info("decode replica ready: %s", student_dir)
 
     async def generate_from(
         self,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from overfill_serve._proto.overfill.v1 import generate_pb2 as pb
 from overfill_serve.request import FinishReason, TokenLogprob
-from overfill_serve.serve.grpc_api import MODE_TO_PROTO
+from overfill_serve.serve.grpc_requests import MODE_TO_PROTO
 from overfill_serve.serve.model_names import model_ids
 from overfill_serve.serve.served_by import ServedBy
 
@@ -165,10 +165,10 @@ class GenerationAccumulator:
         )
 
 
-def models_to_proto(pair_name: str, prefill_model: str, decode_model: str) -> pb.ListModelsResponse:
+def models_to_proto(pair_name: str, teacher: str, student: str) -> pb.ListModelsResponse:
     models = []
     for model_id, mode in model_ids(pair_name):
-        sb = ServedBy.of(mode, prefill_model, decode_model)
+        sb = ServedBy.of(mode, teacher, student)
         models.append(
             pb.Model(
                 id=model_id,

@@ -6,9 +6,8 @@ reports per-request latencies (TTFT, time per output token, end to end) and toke
 
 from __future__ import annotations
 
-from typing import Any
-
 from overfill_serve.transfer.channel import TransferStats
+from overfill_serve.worker.worker_stats import WorkerStats
 
 LATENCY_BOUNDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 
@@ -47,12 +46,12 @@ class ReplicaMetrics:
         ):
             metric.set_default_tags({"role": role})
 
-    def observe(self, stats: dict[str, Any]) -> None:
-        self.blocks_used.set(stats["total_blocks"] - stats["free_blocks"])
-        self.blocks_free.set(stats["free_blocks"])
-        self.waiting.set(stats["waiting"])
-        self.running.set(stats["running"])
-        self.swapped.set(stats["swapped"])
+    def observe(self, stats: WorkerStats) -> None:
+        self.blocks_used.set(stats.total_blocks - stats.free_blocks)
+        self.blocks_free.set(stats.free_blocks)
+        self.waiting.set(stats.waiting)
+        self.running.set(stats.running)
+        self.swapped.set(stats.swapped)
 
     def observe_transfer(self, stats: TransferStats) -> None:
         tags = {"backend": stats.backend}

@@ -15,10 +15,10 @@ class ServedBy:
     decode_model: str
 
     @classmethod
-    def of(cls, mode: Mode, full_model: str, pruned_model: str) -> ServedBy:
-        """Which of the pair's models (full = teacher, pruned = student) runs each stage in `mode`."""
-        prefill = pruned_model if mode is Mode.PRUNED else full_model
-        decode = full_model if mode is Mode.FULL else pruned_model
+    def of(cls, mode: Mode, teacher: str, student: str) -> ServedBy:
+        """Which of the pair's models (the full teacher, the pruned student) runs each stage in `mode`."""
+        prefill = student if mode is Mode.PRUNED else teacher
+        decode = teacher if mode is Mode.FULL else student
         return cls(mode, prefill, decode)
 
     def to_json(self) -> dict[str, str]:

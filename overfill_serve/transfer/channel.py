@@ -1,4 +1,6 @@
-"""`KVChannel`: a decode worker's authenticated connection to one prefill worker's KV server."""
+"""`KVChannel`: an authenticated connection to one prefill worker's KV server — a decode worker's, which pulls
+KV into its pool through a transport, or a control-only one (release / renew / abort), as the ingress uses
+through `TransferControl`."""
 
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ from overfill_serve.kv.paged_cache import PagedKVCache
 from overfill_serve.model.spec import KVLayout
 from overfill_serve.transfer import auth
 from overfill_serve.transfer.config import SESSION_KEY, TransferConfig
+from overfill_serve.transfer.grpc_stream import GrpcStreamTransport
 from overfill_serve.transfer.registry import Completion
 from overfill_serve.transfer.status import error_from_rpc
-from overfill_serve.transfer.transport import KVTransport, make_transport
+from overfill_serve.transfer.transport import KVTransport, Link
 
 log = logging.getLogger(__name__)
 
@@ -37,24 +40,35 @@ class TransferStats:
         return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
+def make_transport(backend: str, cache: PagedKVCache) -> KVTransport:
+    if backend == "nixl":
+        from overfill_serve.transfer.nixl_transport import NixlTransport  # needs the nixl package
+
+        return NixlTransport(cache)
+    return GrpcStreamTransport(cache)
+
+
 class KVChannel:
     def __init__(
         self,
         address: str,
-        layout: KVLayout,
-        cache: PagedKVCache | None,
         config: TransferConfig,
+        layout: KVLayout | None = None,
+        cache: PagedKVCache | None = None,
         client_id: str = "decode",
         transport: KVTransport | None = None,
     ) -> None:
-        """`cache` None makes a control-only channel (release / renew / abort), as a router uses."""
-        assert cache is None or cache.num_layers == len(layout.kept_layers), "the pool holds the kept layers"
-        self.address, self.layout, self.cache, self.config = address, layout, cache, config
-        self.client_id = client_id
+        """Without `layout` and `cache`: a control-only channel, which can release, renew and abort but not
+        pull. With them: the kept layers to receive, and the pool they land in."""
+        assert (layout is None) == (cache is None), "a channel that pulls needs both its layout and its pool"
+        assert cache is None or layout is None or cache.num_layers == len(layout.kept_layers), (
+            "the pool holds the kept layers"
+        )
+        self.address, self.config, self.layout, self.client_id = address, config, layout, client_id
         self.secret = auth.load_secret(config.secret)
-        self.transport = transport or make_transport(config.backend if cache is not None else "grpc")
-        if cache is not None:
-            self.transport.prepare(cache)
+        if transport is None and cache is not None:
+            transport = make_transport(config.backend, cache)
+        self.transport = transport
         opts = [
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -63,18 +77,14 @@ class KVChannel:
         ]
         self.grpc_channel = grpc.insecure_channel(address, options=opts)
         self.stub = pb_grpc.KVTransferStub(self.grpc_channel)
-        # Pull's responses arrive as bytes, decoded by hand (chunk.py: no copy of the payload on the way).
-        self.pull_raw = self.grpc_channel.unary_stream(
-            "/overfill.v1.KVTransfer/Pull", request_serializer=pb.PullRequest.SerializeToString
-        )
         self.metadata: tuple[tuple[str, str], ...] = ()
-        self.remote_layout: KVLayout | None = None
+        self.link: Link | None = None
 
     def connect(self) -> KVChannel:
         """Challenge-response handshake: both sides prove the secret, both check the layouts."""
         t = self.config.timeout_seconds
-        layout_bytes = msgpack.packb(self.layout.to_dict())
-        hello = self.transport.hello()
+        layout_bytes = msgpack.packb(self.layout.to_dict()) if self.layout is not None else b""
+        hello = self.transport.hello() if self.transport is not None else b""
         try:
             server_nonce = self.stub.Challenge(pb.ChallengeRequest(), timeout=t).server_nonce
             client_nonce = auth.new_nonce()
@@ -85,7 +95,7 @@ class KVChannel:
                     client_nonce=client_nonce,
                     layout=layout_bytes,
                     mac=auth.client_mac(self.secret, server_nonce, client_nonce, layout_bytes, hello),
-                    backend=self.transport.name,
+                    backend=self.transport.name if self.transport is not None else "",
                     nixl_agent_metadata=hello,
                 ),
                 timeout=t,
@@ -102,13 +112,19 @@ class KVChannel:
         )
         if not auth.verify(expected, response.mac):
             raise AuthenticationError(f"{self.address} failed to prove the cluster secret")
+        self.metadata = ((SESSION_KEY, response.session),)
+        if self.layout is None or self.transport is None:
+            return self  # control only
         remote = KVLayout.from_dict(msgpack.unpackb(response.layout))
-        problems = self.layout.diff(remote, ignore=("kept_layers", "num_teacher_layers"))
+        problems = remote.mismatches(self.layout)
         if problems:
             raise LayoutMismatchError(problems)
-        self.remote_layout = remote
-        self.metadata = ((SESSION_KEY, response.session),)
-        self.transport.connected(self, response)
+        # Pull's responses arrive as bytes, decoded by hand (chunk.py: no copy of the payload on the way).
+        pull_raw = self.grpc_channel.unary_stream(
+            "/overfill.v1.KVTransfer/Pull", request_serializer=pb.PullRequest.SerializeToString
+        )
+        self.link = Link(self.address, self.stub, pull_raw, self.metadata, self.layout, remote, self.config)
+        self.transport.connected(self.link, response)
         return self
 
     def pull(
@@ -116,10 +132,12 @@ class KVChannel:
     ) -> tuple[Completion, TransferStats]:
         """Receive a transfer into dest_blocks, then release it on the prefill side. On any failure the
         prefill side is told to abort (best effort) and a `TransferError` is raised."""
-        assert self.metadata and self.cache is not None, "connect() first, on a channel with a pool"
+        assert self.link is not None and self.transport is not None, (
+            "connect() first, on a channel that pulls"
+        )
         start = time.perf_counter()
         try:
-            received = self.transport.receive(self, transfer_id, dest_blocks, num_tokens)
+            received = self.transport.receive(self.link, transfer_id, dest_blocks, num_tokens)
         except TransferError as e:
             self.abort(transfer_id, str(e))
             raise
@@ -159,7 +177,8 @@ class KVChannel:
             log.debug("abort of %s not delivered: %s", transfer_id, e)
 
     def close(self) -> None:
-        self.transport.close()
+        if self.transport is not None:
+            self.transport.close()
         self.grpc_channel.close()
 
     def _control(self, rpc: Any, request: Any, what: str) -> Any:

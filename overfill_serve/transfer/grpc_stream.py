@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import grpc
 
@@ -11,26 +10,19 @@ from overfill_serve._proto.overfill.v1 import kv_transfer_pb2 as pb
 from overfill_serve.errors import ChunkError
 from overfill_serve.transfer.chunk import ChunkHeader, check_chunk, decode_chunk_message
 from overfill_serve.transfer.status import error_from_rpc
-from overfill_serve.transfer.transport import KVTransport, Received, completion_from_pb
-
-if TYPE_CHECKING:
-    from overfill_serve.transfer.channel import KVChannel
+from overfill_serve.transfer.transport import KVTransport, Link, Received, completion_from_pb
 
 
 class GrpcStreamTransport(KVTransport):
     name = "grpc"
 
-    def receive(
-        self, channel: KVChannel, transfer_id: str, dest_blocks: list[int], num_tokens: int
-    ) -> Received:
-        cache, layout, config = channel.cache, channel.layout, channel.config
-        assert cache is not None
-        local = {teacher_layer: j for j, teacher_layer in enumerate(layout.kept_layers)}
-        received: dict[int, set[int]] = {layer: set() for layer in local}
+    def receive(self, link: Link, transfer_id: str, dest_blocks: list[int], num_tokens: int) -> Received:
+        cache, layout, config = self.cache, link.layout, link.config
+        received: dict[int, set[int]] = {layer: set() for layer in layout.kept_layers}
         nbytes, first_byte_at = 0, 0.0
-        stream = channel.pull_raw(
+        stream = link.pull_raw(
             pb.PullRequest(transfer_id=transfer_id, max_chunk_bytes=config.chunk_bytes),
-            metadata=channel.metadata,
+            metadata=link.metadata,
             timeout=config.timeout_seconds,
         )
         try:
@@ -47,7 +39,7 @@ class GrpcStreamTransport(KVTransport):
                     header,
                     payload,
                     transfer_id=transfer_id,
-                    layers=frozenset(local),
+                    layers=frozenset(layout.kept_layers),
                     num_blocks=len(dest_blocks),
                     block_bytes=cache.block_bytes,
                 )
@@ -55,7 +47,9 @@ class GrpcStreamTransport(KVTransport):
                 if received[header.layer].intersection(run):
                     raise ChunkError(f"layer {header.layer} blocks {run.start}..{run.stop - 1} sent twice")
                 received[header.layer].update(run)
-                cache.write_block_bytes(local[header.layer], dest_blocks[run.start : run.stop], payload)
+                local = layout.local_layer(header.layer)
+                assert local is not None, "check_chunk admits kept layers only"
+                cache.write_block_bytes(local, dest_blocks[run.start : run.stop], payload)
                 first_byte_at = first_byte_at or time.perf_counter()
                 nbytes += len(payload)
             raise ChunkError(f"transfer {transfer_id}: the stream ended without a completion")

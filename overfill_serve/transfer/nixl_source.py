@@ -1,12 +1,6 @@
-"""`NixlSource`: the prefill side of the NIXL backend (see `overfill_serve.transfer.nixl`). It stays passive:
-one agent with the KV pool registered once, block descriptors for `Describe`, and the transfers freed when the
-decode side's notification says their reads are done.
-
-Its agent runs without NIXL's progress thread: the KV server's sweeper calls `poll_notifications` every
-<= 0.2 s, and each `add_peer` / `describe` starts a short burst of polls (50 us growing to 1 ms, for
-`linger_seconds`) so a peer's UCX connection setup and any transport that needs the target's progress are not
-held to the sweeper's period. Idle, the burst thread sleeps on an event: no CPU.
-"""
+"""`NixlSource`: the prefill side of the NIXL backend (the design is in `nixl_agent`): its pool registered once,
+block descriptors for `Describe`, transfers freed on the decode side's notification, and the bursts of polls
+that stand in for NIXL's progress thread."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
-"""`NixlTransport`: the decode side of the NIXL backend (see `overfill_serve.transfer.nixl`), the initiator.
-
-For each kept layer the prefill side describes as ready it checks the block descriptors against the pool the
-handshake announced and posts one READ into its own destination blocks (`_Reads`); the reads of earlier
-layers overlap the prefill of later ones. When every read is done it notifies the prefill side, which frees
-the transfer's blocks. One agent per pool is shared by a worker's channels; while it waits for its reads it
-polls with a sleep growing from 50 us to 1 ms.
-"""
+"""`NixlTransport`: the decode side of the NIXL backend (the design is in `nixl_agent`), the initiator: checks
+each layer's block descriptors against the announced pool and READs them into its own blocks (`_Reads`)."""
 
 from __future__ import annotations
 
@@ -13,7 +7,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import numpy as np
@@ -29,10 +23,7 @@ from overfill_serve.errors import (
 from overfill_serve.kv.paged_cache import PagedKVCache
 from overfill_serve.transfer.nixl_agent import NixlAgent, RemotePool, backoff, encode_hello, nixl_error
 from overfill_serve.transfer.status import error_from_rpc
-from overfill_serve.transfer.transport import KVTransport, Received, completion_from_pb
-
-if TYPE_CHECKING:
-    from overfill_serve.transfer.channel import KVChannel
+from overfill_serve.transfer.transport import KVTransport, Link, Received, completion_from_pb
 
 log = logging.getLogger(__name__)
 
@@ -195,44 +186,30 @@ class NixlTransport(KVTransport):
 
     name = "nixl"
 
-    def __init__(self, cache: PagedKVCache | None = None) -> None:
-        self._agent: NixlAgent | None = None
-        self._cache: PagedKVCache | None = None
+    def __init__(self, cache: PagedKVCache) -> None:
+        super().__init__(cache)
+        self._agent: NixlAgent | None = _acquire_decode_agent(cache)  # registers the pool, once per pool
         self._remote: RemotePool | None = None
         self._remote_name: str | None = None
-        if cache is not None:
-            self.prepare(cache)
-
-    def prepare(self, cache: PagedKVCache) -> None:
-        """Register (once per pool) the pool the reads land in: before `hello`."""
-        if self._agent is not None:
-            if cache is not self._cache:
-                raise ValueError("this NixlTransport is bound to another KV pool")
-            return
-        self._agent, self._cache = _acquire_decode_agent(cache), cache
 
     def hello(self) -> bytes:
         if self._agent is None:
-            raise TransferError("NixlTransport.prepare(cache) must run before the handshake")
+            raise TransferError("this NIXL transport is closed")
         return encode_hello(self._agent)
 
-    def connected(self, channel: KVChannel, response: pb.HandshakeResponse) -> None:
-        agent, cache = self._agent, self._cache
-        assert agent is not None and cache is not None and channel.cache is cache, (
-            "prepare(channel.cache) first"
-        )
+    def connected(self, link: Link, response: pb.HandshakeResponse) -> None:
+        agent = self._agent
+        if agent is None:
+            raise TransferError("this NIXL transport is closed")
         remote = RemotePool.decode(response.nixl_agent_metadata)
         if remote.agent_name != response.nixl_agent_name:
             raise TransferError(f"NIXL agent {remote.agent_name!r} announced as {response.nixl_agent_name!r}")
         problems = []
-        if remote.block_bytes != cache.block_bytes:
-            problems.append(f"NIXL block bytes: {cache.block_bytes} != {remote.block_bytes}")
-        if (
-            channel.remote_layout is not None
-            and remote.num_layers != channel.remote_layout.num_teacher_layers
-        ):
+        if remote.block_bytes != self.cache.block_bytes:
+            problems.append(f"NIXL block bytes: {self.cache.block_bytes} != {remote.block_bytes}")
+        if remote.num_layers != link.remote_layout.num_teacher_layers:
             problems.append(
-                f"NIXL pool layers: {remote.num_layers} != {channel.remote_layout.num_teacher_layers}"
+                f"NIXL pool layers: {remote.num_layers} != {link.remote_layout.num_teacher_layers}"
             )
         if problems:
             raise LayoutMismatchError(problems)
@@ -247,15 +224,10 @@ class NixlTransport(KVTransport):
             raise PeerUnavailableError(f"cannot load the prefill side's NIXL agent: {e}") from None
         self._remote, self._remote_name = remote, remote.agent_name
 
-    def receive(
-        self, channel: KVChannel, transfer_id: str, dest_blocks: list[int], num_tokens: int
-    ) -> Received:
-        agent, remote, remote_name, cache = self._agent, self._remote, self._remote_name, self._cache
-        if agent is None or remote is None or remote_name is None or cache is None:
+    def receive(self, link: Link, transfer_id: str, dest_blocks: list[int], num_tokens: int) -> Received:
+        agent, remote, remote_name, cache = self._agent, self._remote, self._remote_name, self.cache
+        if agent is None or remote is None or remote_name is None:
             raise TransferError("the NIXL transport is not connected")
-        assert channel.cache is cache, "the channel's pool is the one this transport registered"
-        config = channel.config
-        local_layer = {teacher_layer: j for j, teacher_layer in enumerate(channel.layout.kept_layers)}
         dest = np.asarray(dest_blocks, dtype=np.int64)
         assert dest.size and dest.min() >= 0 and dest.max() < cache.num_blocks, (
             "destination blocks in the pool"
@@ -264,28 +236,29 @@ class NixlTransport(KVTransport):
         seen: set[int] = set()
         nbytes, first_byte_at = 0, 0.0
         reads = _Reads(agent, remote, remote_name, transfer_id)
-        stream = channel.stub.Describe(
-            pb.PullRequest(transfer_id=transfer_id), metadata=channel.metadata, timeout=config.timeout_seconds
+        timeout = link.config.timeout_seconds
+        stream = link.stub.Describe(
+            pb.PullRequest(transfer_id=transfer_id), metadata=link.metadata, timeout=timeout
         )
         try:
             for msg in stream:
                 if msg.HasField("done"):
                     completion = completion_from_pb(msg.done, num_tokens)
-                    missing = sorted(set(local_layer) - seen)
+                    missing = sorted(set(link.layout.kept_layers) - seen)
                     if missing:
                         raise ChunkError(
                             f"transfer {transfer_id} completed with layers {missing} never described"
                         )
-                    reads.wait(config.timeout_seconds)
+                    reads.wait(timeout)
                     reads.notify(transfer_id)
                     return Received(completion, nbytes, first_byte_at)
-                if msg.layer not in local_layer:
+                j = link.layout.local_layer(msg.layer)
+                if j is None:
                     raise ChunkError(f"transfer {transfer_id}: layer {msg.layer} is not one this side keeps")
                 if msg.layer in seen:
                     raise ChunkError(f"transfer {transfer_id}: layer {msg.layer} described twice")
                 seen.add(msg.layer)
                 remote_addrs = remote.check(msg, len(dest_blocks))
-                j = local_layer[msg.layer]
                 local_addrs = np.concatenate(
                     [
                         np.uint64(cache.block_address(j, 0, 0)) + dest_offsets,

@@ -182,7 +182,6 @@ class TransferRegistry:
             if not prefilling:
                 self.pool.free(transfer.block_ids)
                 transfer.request.block_table = []
-            self._cond.notify_all()
             # A transfer still prefilling is gone from the book: `complete` will find nothing and free.
             self._cond.notify_all()
         if prefilling and self._abort_prefill is not None:

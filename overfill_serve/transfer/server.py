@@ -35,7 +35,7 @@ ChunkFilter = Callable[[bytes, bytes], tuple[bytes, bytes]]  # test hook: (heade
 @dataclass(frozen=True)
 class Session:
     client_id: str
-    layout: KVLayout  # the decode side's: its kept layers are what it pulls
+    layout: KVLayout | None  # the decode side's: its kept layers are what it pulls (None: control only)
     backend: str
 
 
@@ -87,14 +87,8 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         if not fresh or not auth.verify(expected, request.mac):
             log.warning("refused KV-channel peer %r: bad secret or stale challenge", request.client_id)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "peer failed the cluster-secret challenge")
-        try:
-            theirs = KVLayout.from_dict(msgpack.unpackb(request.layout))
-        except Exception as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unreadable KV layout: {e}")
-        problems = self.layout.diff(theirs, ignore=("kept_layers", "num_teacher_layers"))
-        problems += check_kept(theirs.kept_layers, self.layout.num_teacher_layers)
-        if problems:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(LayoutMismatchError(problems)))
+        # A control-only peer (no layout) may release, renew and abort, never pull.
+        theirs = self._peer_layout(request.layout, context) if request.layout else None
         response = pb.HandshakeResponse(layout=msgpack.packb(self.layout.to_dict()))
         if request.backend == "nixl":
             from overfill_serve.transfer.nixl_source import NixlSource
@@ -141,12 +135,12 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         """Serialized `KVChunk`s (see `KVTransferServer`: Pull's responses go out as bytes, built here with
         one copy of each run of blocks)."""
-        session = self._session(context)
+        _, layout = self._pulling_session(context)
         tid, timeout = request.transfer_id, self.config.timeout_seconds
         chunk_bytes = min(request.max_chunk_bytes or self.config.chunk_bytes, self.config.chunk_bytes)
         per_chunk = max(1, chunk_bytes // (2 * self.cache.block_bytes))
         complete = self._abort_unless_completed(context, tid)
-        for layer in session.layout.kept_layers:
+        for layer in layout.kept_layers:
             transfer = self._call(context, self.registry.wait_layer, tid, layer, timeout)
             blocks = list(transfer.block_ids)
             for start in range(0, len(blocks), per_chunk):
@@ -162,12 +156,12 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         yield pb.KVChunk(done=completion_to_pb(completion)).SerializeToString()
 
     def Describe(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.LayerReady]:
-        session = self._session(context)
+        session, layout = self._pulling_session(context)
         if self.nixl_source is None or session.backend != "nixl":
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Describe needs a NIXL handshake")
         tid, timeout = request.transfer_id, self.config.timeout_seconds
         complete = self._abort_unless_completed(context, tid)
-        for layer in session.layout.kept_layers:
+        for layer in layout.kept_layers:
             transfer = self._call(context, self.registry.wait_layer, tid, layer, timeout)
             yield self.nixl_source.describe(layer, list(transfer.block_ids))
         completion = self._call(context, self.registry.wait_complete, tid, timeout)
@@ -182,6 +176,23 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         if session is None:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "no valid session: handshake first")
         return session  # type: ignore[return-value]
+
+    def _pulling_session(self, context: grpc.ServicerContext) -> tuple[Session, KVLayout]:
+        session = self._session(context)
+        if session.layout is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a control-only session cannot pull")
+        return session, session.layout  # type: ignore[return-value]
+
+    def _peer_layout(self, raw: bytes, context: grpc.ServicerContext) -> KVLayout:
+        """The decode side's layout, if this teacher's KV fits it; else the handshake is refused."""
+        try:
+            theirs = KVLayout.from_dict(msgpack.unpackb(raw))
+        except Exception as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unreadable KV layout: {e}")
+        problems = self.layout.mismatches(theirs)
+        if problems:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(LayoutMismatchError(problems)))
+        return theirs
 
     def _call(self, context: grpc.ServicerContext, fn: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -200,12 +211,6 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
 
         context.add_callback(on_rpc_done)
         return complete
-
-
-def check_kept(kept: tuple[int, ...], num_teacher_layers: int) -> list[str]:
-    if not kept or list(kept) != sorted(set(kept)) or not all(0 <= i < num_teacher_layers for i in kept):
-        return [f"kept_layers {list(kept)} are not increasing teacher layer ids in [0, {num_teacher_layers})"]
-    return []
 
 
 class _PullAsBytes:

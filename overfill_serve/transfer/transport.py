@@ -8,17 +8,31 @@ registered pool; descriptors come over gRPC).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 from overfill_serve._proto.overfill.v1 import kv_transfer_pb2 as pb
+from overfill_serve._proto.overfill.v1 import kv_transfer_pb2_grpc as pb_grpc
 from overfill_serve.errors import ChunkError
 from overfill_serve.kv.paged_cache import PagedKVCache
+from overfill_serve.model.spec import KVLayout
 from overfill_serve.request import TokenLogprob
+from overfill_serve.transfer.config import TransferConfig
 from overfill_serve.transfer.registry import Completion
 
-if TYPE_CHECKING:
-    from overfill_serve.transfer.channel import KVChannel
+
+@dataclass(frozen=True)
+class Link:
+    """What a transport needs of a connected channel: its RPCs, its session and what to receive."""
+
+    address: str
+    stub: pb_grpc.KVTransferStub
+    pull_raw: Callable[..., Any]  # Pull, its responses left as bytes (chunk.py decodes them without copies)
+    metadata: tuple[tuple[str, str], ...]  # the handshake's session
+    layout: KVLayout  # this side's: the kept layers it receives
+    remote_layout: KVLayout
+    config: TransferConfig
 
 
 @dataclass(frozen=True)
@@ -31,20 +45,18 @@ class Received:
 class KVTransport(ABC):
     name: str
 
-    def prepare(self, cache: PagedKVCache) -> None:  # noqa: B027 (optional hook)
-        """Bind to this side's KV pool (a NIXL agent registers it once)."""
+    def __init__(self, cache: PagedKVCache) -> None:
+        self.cache = cache  # this side's pool, where every transfer lands
 
     def hello(self) -> bytes:
         """What this transport adds to the handshake (a NIXL agent's metadata)."""
         return b""
 
-    def connected(self, channel: KVChannel, response: pb.HandshakeResponse) -> None:  # noqa: B027
+    def connected(self, link: Link, response: pb.HandshakeResponse) -> None:  # noqa: B027 (optional hook)
         """Handshake done: e.g. load the remote NIXL agent."""
 
     @abstractmethod
-    def receive(
-        self, channel: KVChannel, transfer_id: str, dest_blocks: list[int], num_tokens: int
-    ) -> Received:
+    def receive(self, link: Link, transfer_id: str, dest_blocks: list[int], num_tokens: int) -> Received:
         """Fill dest_blocks (this side's pool) with the KV of the transfer's num_tokens prompt tokens, kept
         layers only; return the first token. Raises a `TransferError`; writes nothing outside dest_blocks."""
 
@@ -59,13 +71,3 @@ def completion_from_pb(msg: pb.Completion, expected_tokens: int) -> Completion:
     if msg.has_logprob:
         logprob = TokenLogprob(msg.first_token, msg.logprob, tuple(zip(msg.top_ids, msg.top_logprobs)))
     return Completion(msg.first_token, msg.num_tokens, logprob)
-
-
-def make_transport(backend: str) -> KVTransport:
-    if backend == "nixl":
-        from overfill_serve.transfer.nixl_transport import NixlTransport
-
-        return NixlTransport()
-    from overfill_serve.transfer.grpc_stream import GrpcStreamTransport
-
-    return GrpcStreamTransport()

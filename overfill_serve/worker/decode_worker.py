@@ -20,7 +20,7 @@ from overfill_serve.engine.output_processor import StepOutput
 from overfill_serve.engine.sampler import SampledToken
 from overfill_serve.engine.stage import blocks_for
 from overfill_serve.errors import OutOfBlocksError
-from overfill_serve.model.pair import student_layout
+from overfill_serve.model.spec import KeptLayers, KVLayout
 from overfill_serve.request import Request, RequestStatus
 from overfill_serve.sampling_params import SamplingParams
 from overfill_serve.transfer.channel import KVChannel, TransferStats
@@ -32,18 +32,20 @@ from overfill_serve.worker.prefill_worker import TransferTicket
 
 
 class DecodeWorker(ModelWorker):
+    role, model_name = "decode", "student"
+
     def __init__(
         self,
         model_dir: str | Path,
         *,
         transfer: TransferConfig,
-        kept_layers: str | list[int] | None = None,
+        kept_layers: KeptLayers = None,
         num_teacher_layers: int | None = None,
-        **kwargs: Any,
+        **engine: Any,
     ) -> None:
-        super().__init__(model_dir, name="decode", **kwargs)
-        self.layout = student_layout(
-            self.model.spec, kept_layers, num_teacher_layers, self.dtype, self.cache.block_size
+        super().__init__(model_dir, **engine)
+        self.layout = KVLayout.of_student(
+            self.model.spec, kept_layers, num_teacher_layers, self.config.dtype, self.config.block_size
         )
         self.transfer = transfer
         self._channels: dict[str, KVChannel] = {}
@@ -61,7 +63,7 @@ class DecodeWorker(ModelWorker):
         with self._lock:
             channel = self._channels.get(address)
             if channel is None:
-                channel = KVChannel(address, self.layout, self.cache, self.transfer).connect()
+                channel = KVChannel(address, self.transfer, self.layout, self.core.cache).connect()
                 self._channels[address] = channel
             return channel
 
@@ -103,7 +105,7 @@ class DecodeWorker(ModelWorker):
     def _discard_pull(self, pull: asyncio.Future) -> None:
         if not pull.cancelled() and pull.exception() is None:
             request, _ = pull.result()
-            self.pool.free(request.block_table)
+            self.core.pool.free(request.block_table)
             request.block_table = []
 
     def _pull(
@@ -115,13 +117,13 @@ class DecodeWorker(ModelWorker):
     ) -> tuple[Request, Completion]:
         request = self._new_request(prompt_token_ids, params, ticket.request_id, generated_token_ids)
         assert request.num_prompt_tokens == ticket.num_prompt_tokens
-        blocks = self._allocate(blocks_for(ticket.num_prompt_tokens, self.cache.block_size))
+        blocks = self._allocate(blocks_for(ticket.num_prompt_tokens, self.config.block_size))
         try:
             completion, self.last_transfer = self.channel(ticket.address).pull(
                 ticket.transfer_id, blocks, ticket.num_prompt_tokens
             )
         except BaseException:
-            self.pool.free(blocks)
+            self.core.pool.free(blocks)
             raise
         if self.on_transfer is not None:
             self.on_transfer(self.last_transfer)
@@ -133,25 +135,20 @@ class DecodeWorker(ModelWorker):
     # -- engine thread -------------------------------------------------------------------------------------
     def _admit_remote(self, request: Request, completion: Completion, stream: OutputStream) -> None:
         self._streams[request.request_id] = stream
-        if request.output_token_ids:  # resumed: its tokens are known; the student recomputes their KV
-            self.decode_engine.add(request)
-            return
-        out = self.output.append(request, SampledToken(completion.first_token, completion.logprob))
-        self._emit(out)
-        if out.finished:
-            self.pool.free(request.block_table)
-            request.block_table = []
-            request.mark(RequestStatus.FINISHED)
-            self.output.release(request.request_id)
-        else:
-            self.decode_engine.add(request)
+        # A resumed request's tokens are known (the student recomputes their KV); a new one starts with the
+        # teacher's first token.
+        first = None if request.output_token_ids else SampledToken(completion.first_token, completion.logprob)
+        out = self.core.start_decode(request, first, self.model_name)
+        if out is not None:
+            self._emit(out)
 
     def _allocate(self, n: int) -> list[int]:
         """Blocks for an incoming transfer, waiting (bounded) for running requests to free some. Swapped-out
         requests come first: a new request takes no blocks while one waits to come back."""
         deadline = time.monotonic() + self.transfer.timeout_seconds
-        while self.decode_engine.swapped or (blocks := self.pool.allocate(n)) is None:
-            if n > self.pool.num_blocks or time.monotonic() > deadline:
-                raise OutOfBlocksError(f"no room for {n} KV blocks ({self.pool.num_free} free)")
+        pool, decode = self.core.pool, self.core.decode[self.model_name]
+        while decode.swapped or (blocks := pool.allocate(n)) is None:
+            if n > pool.num_blocks or time.monotonic() > deadline:
+                raise OutOfBlocksError(f"no room for {n} KV blocks ({pool.num_free} free)")
             time.sleep(0.01)
         return blocks

@@ -1,4 +1,4 @@
-"""`ModelWorker`: one model, its paged KV pool and an engine thread — the shared part of the prefill and decode
+"""`ModelWorker`: one model, its `EngineCore` and an engine thread — the shared part of the prefill and decode
 workers. On its own it generates locally, both stages on its model: the `full` mode on a prefill worker
 (teacher) and the `pruned` mode on a decode worker (student).
 
@@ -10,76 +10,49 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-from overfill_serve.engine.decode import DecodeEngine
-from overfill_serve.engine.output_processor import OutputProcessor, StepOutput
-from overfill_serve.engine.prefill import PrefillEngine
-from overfill_serve.engine.runner import ModelRunner
-from overfill_serve.engine.sampler import Sampler
-from overfill_serve.errors import InvalidRequestError, OverfillError, PreemptedError
-from overfill_serve.kv.block_pool import BlockPool
-from overfill_serve.kv.paged_cache import PagedKVCache
-from overfill_serve.kv.swap_space import SwapSpace
-from overfill_serve.model.loader import load_model, parse_dtype
+from overfill_serve.engine.batch import Batch
+from overfill_serve.engine.config import EngineConfig
+from overfill_serve.engine.core import EngineCore
+from overfill_serve.engine.output_processor import StepOutput
+from overfill_serve.engine.stage import Prefilled
+from overfill_serve.errors import OverfillError, PreemptedError
+from overfill_serve.model.loader import load_model
+from overfill_serve.prompt import PromptEncoder
 from overfill_serve.request import Request
 from overfill_serve.sampling_params import SamplingParams
 from overfill_serve.tokenizer import load_tokenizer
 from overfill_serve.worker.engine_loop import EngineLoop
 from overfill_serve.worker.latency_window import LatencyWindow
 from overfill_serve.worker.output_stream import END, OutputStream
-
-log = logging.getLogger(__name__)
+from overfill_serve.worker.worker_stats import WorkerStats
 
 
 class ModelWorker:
+    role = ""  # "prefill" or "decode": names the engine thread and the request ids made here
+    model_name = ""  # "teacher" or "student"
+
     def __init__(
         self,
         model_dir: str | Path,
-        *,
-        dtype: str = "float32",
-        device: str = "cpu",
-        block_size: int = 16,
-        num_kv_blocks: int = 1024,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
-        num_swap_blocks: int = 0,
-        name: str = "worker",
+        on_prefill_layer: Callable[[Batch, int], None] | None = None,
+        **engine: Any,
     ) -> None:
+        """`engine`: `EngineConfig` fields. `on_prefill_layer` runs after each layer of a prefill step."""
         self.model_dir = Path(model_dir)
-        self.model = load_model(model_dir, dtype, device)
+        self.config = EngineConfig(**engine)
+        self.model = load_model(model_dir, self.config.dtype, self.config.device)
         spec = self.model.spec
-        self.dtype = dtype
-        self.cache = PagedKVCache(
-            spec.num_layers,
-            num_kv_blocks,
-            block_size,
-            spec.num_kv_heads,
-            spec.head_dim,
-            parse_dtype(dtype),
-            device,
-        )
-        self.pool = BlockPool(num_kv_blocks)
-        self.max_model_len = min(spec.max_position_embeddings, num_kv_blocks * block_size)
         self.tokenizer = load_tokenizer(model_dir)
-        self.output = OutputProcessor(self.tokenizer, spec.eos_token_ids, self.max_model_len)
-        self.sampler = Sampler()
-        self.runner = ModelRunner(self.model, self.cache, tuple(range(spec.num_layers)))
-        self.prefill_engine = PrefillEngine(
-            self.runner, self.pool, self.sampler, self.output, max_num_batched_tokens, max_num_seqs
-        )
-        # A preempted decode swaps its KV to host memory when it has room: for a remote request that
-        # saves a trip back to the prefill pool.
-        swap = SwapSpace(self.cache, num_swap_blocks) if num_swap_blocks else None
-        self.decode_engine = DecodeEngine(
-            self.runner, self.pool, self.sampler, self.output, self._preempted, max_num_seqs, swap
-        )
-        self.loop = EngineLoop(f"{name}-engine", self._step, self._crash)
+        models = {self.model_name: (self.model, tuple(range(spec.num_layers)))}
+        self.core = EngineCore(self.config, self.tokenizer, models, on_prefill_layer)
+        self.prompts = PromptEncoder(self.tokenizer, spec.vocab_size, self.core.max_model_len)
+        self.loop = EngineLoop(f"{self.role}-engine", self._step, self._crash)
         self._streams: dict[str, OutputStream] = {}  # engine thread only
-        self._local: set[str] = set()  # requests whose prompt KV this model computes: re-prefillable here
         self._ids = itertools.count()
         self.num_finished = 0  # requests this worker's engine ran to the end
         self.tpot = LatencyWindow()  # time between decode steps while requests decode: their TPOT
@@ -92,18 +65,19 @@ class ModelWorker:
     def stop(self) -> None:
         self.loop.stop()
 
-    def stats(self) -> dict[str, float]:
-        return {
-            "free_blocks": self.pool.num_free,
-            "total_blocks": self.pool.num_blocks,
-            "waiting": len(self.prefill_engine.waiting)
-            + len(self.decode_engine.waiting)
-            + len(self.decode_engine.swapped),
-            "running": len(self.prefill_engine.running) + len(self.decode_engine.running),
-            "swapped": len(self.decode_engine.swapped),  # also counted in "waiting"
-            "finished": self.num_finished,
-            "tpot_s": self.tpot.mean(),
-        }
+    def stats(self) -> WorkerStats:
+        core = self.core
+        swapped = sum(len(d.swapped) for d in core.decode.values())
+        return WorkerStats(
+            free_blocks=core.pool.num_free,
+            total_blocks=core.pool.num_blocks,
+            waiting=sum(len(e.waiting) for e in core.engines()) + swapped,
+            running=sum(len(e.running) for e in core.engines()),
+            swapped=swapped,
+            queued_prompt_tokens=sum(p.queued_prompt_tokens for p in core.prefill.values()),
+            finished=self.num_finished,
+            tpot_s=self.tpot.mean(),
+        )
 
     # -- local generation ----------------------------------------------------------------------------------
     def generate(
@@ -125,18 +99,6 @@ class ModelWorker:
     def abort(self, request_id: str) -> None:
         self.loop.call(lambda: self._abort_now(request_id))
 
-    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
-        vocab = self.model.spec.vocab_size
-        if not prompt_token_ids:
-            raise InvalidRequestError("the prompt is empty", field="prompt")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {len(prompt_token_ids)} tokens; the context limit is {self.max_model_len}",
-                field="prompt",
-            )
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", field="prompt")
-
     def _new_request(
         self,
         prompt_token_ids: list[int],
@@ -144,10 +106,9 @@ class ModelWorker:
         request_id: str | None,
         generated_token_ids: list[int] | None = None,
     ) -> Request:
-        self.validate_prompt(prompt_token_ids)
         return Request(
-            request_id or f"{self.loop.name}-{next(self._ids)}",
-            list(prompt_token_ids),
+            request_id or f"{self.role}-{next(self._ids)}",
+            self.prompts.check(prompt_token_ids),
             params,
             output_token_ids=list(generated_token_ids or []),
         )
@@ -187,34 +148,31 @@ class ModelWorker:
     # -- engine thread -------------------------------------------------------------------------------------
     def _admit_local(self, request: Request, stream: OutputStream) -> None:
         self._streams[request.request_id] = stream
-        self._local.add(request.request_id)
-        self.prefill_engine.add(request)
+        self.core.add(request, self.model_name, self.model_name)
 
     def _step(self) -> bool:
-        worked = False
-        if self.prefill_engine.has_work():
-            result = self.prefill_engine.step()
-            for out in result.outputs:
-                self._emit(out)
-            for request in result.handed_over:
-                self.decode_engine.add(request)
-            worked = True
-        worked |= self._step_more()
-        if self.decode_engine.has_work():
-            for out in self.decode_engine.step():
-                self._emit(out)
-            now = time.perf_counter()
-            if self._last_decode_at is not None:
-                self.tpot.add(now - self._last_decode_at)
-            self._last_decode_at = now if self.decode_engine.running else None
-            worked = True
-        else:
+        if not self.core.has_work():
             self._last_decode_at = None
-        return worked
+            return False
+        result = self.core.step()
+        for out in result.outputs:
+            self._emit(out)
+        for request in result.preempted:
+            # Its prompt KV came from another model: hand it back to whoever can prefill it again.
+            error = PreemptedError(request.request_id, list(request.output_token_ids))
+            request.fail(error)
+            self._fail(request.request_id, error)
+        self._hand_over(result.prefilled)
+        now = time.perf_counter()
+        decoding = any(d.running for d in self.core.decode.values())
+        if decoding and self._last_decode_at is not None:
+            self.tpot.add(now - self._last_decode_at)
+        self._last_decode_at = now if decoding else None
+        return True
 
-    def _step_more(self) -> bool:
-        """Subclasses' extra engines (a prefill worker's remote prefill); True if they did work."""
-        return False
+    def _hand_over(self, prefilled: tuple[Prefilled, ...]) -> None:
+        """Prefills whose decode runs elsewhere (a prefill worker offers their KV)."""
+        assert not prefilled, "this worker prefills only what it decodes itself"
 
     def _emit(self, out: StepOutput) -> None:
         stream = self._streams.get(out.request_id)
@@ -225,28 +183,18 @@ class ModelWorker:
             self.num_finished += 1
             stream.put(END)
             del self._streams[out.request_id]
-            self._local.discard(out.request_id)
-
-    def _preempted(self, request: Request) -> None:
-        if request.request_id in self._local:
-            self.prefill_engine.add(request, front=True)  # this model computed the prompt: redo it here
-            return
-        # The prompt KV came from another model: hand the request back to whoever can re-prefill it.
-        self.output.release(request.request_id)
-        self._fail(request.request_id, PreemptedError(request.request_id, list(request.output_token_ids)))
 
     def _abort_now(self, request_id: str) -> None:
-        self.prefill_engine.abort(request_id)
-        self.decode_engine.abort(request_id)
+        self.core.abort(request_id)
         self._streams.pop(request_id, None)
-        self._local.discard(request_id)
 
     def _fail(self, request_id: str, error: BaseException) -> None:
-        self._local.discard(request_id)
         stream = self._streams.pop(request_id, None)
         if stream is not None:
             stream.put(error)
 
     def _crash(self, error: BaseException) -> None:
+        failure = OverfillError(f"engine failed: {error}")
         for request_id in list(self._streams):
-            self._fail(request_id, OverfillError(f"engine failed: {error}"))
+            self.core.abort(request_id, failure)
+            self._fail(request_id, failure)

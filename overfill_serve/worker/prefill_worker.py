@@ -9,12 +9,12 @@ prefill. As a `ModelWorker` it also generates locally with the teacher alone (th
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from overfill_serve.engine.batch import Batch
-from overfill_serve.engine.prefill import PrefillEngine
+from overfill_serve.engine.stage import Prefilled
 from overfill_serve.model.spec import KVLayout
 from overfill_serve.request import RequestStatus
 from overfill_serve.sampling_params import SamplingParams
@@ -24,6 +24,7 @@ from overfill_serve.transfer.registry import Completion, TransferRegistry
 from overfill_serve.transfer.server import KVTransferServer, KVTransferServicer
 from overfill_serve.worker.latency_window import LatencyWindow
 from overfill_serve.worker.model_worker import ModelWorker
+from overfill_serve.worker.worker_stats import WorkerStats
 
 
 @dataclass(frozen=True)
@@ -37,40 +38,17 @@ class TransferTicket:
 
 
 class PrefillWorker(ModelWorker):
-    def __init__(self, model_dir: str | Path, *, transfer: TransferConfig, **kwargs: Any) -> None:
-        super().__init__(model_dir, name="prefill", **kwargs)
-        spec = self.model.spec
-        self.layout = KVLayout(
-            spec.num_layers,
-            tuple(range(spec.num_layers)),
-            spec.num_kv_heads,
-            spec.head_dim,
-            spec.rope,
-            spec.vocab_size,
-            spec.eos_token_ids,
-            self.dtype,
-            self.cache.block_size,
-        )
-        # Remote prefills: no detokenization or stop checks here, the decode side does both.
-        self.remote_engine = PrefillEngine(
-            self.runner,
-            self.pool,
-            self.sampler,
-            None,
-            self.prefill_engine.max_num_batched_tokens,
-            self.prefill_engine.max_num_seqs,
-            on_layer=self._layer_done if transfer.layerwise else None,
-        )
-        self.registry = TransferRegistry(
-            self.pool,
-            transfer.lease_seconds,
-            abort_prefill=lambda rid: self.loop.call(lambda: self._abort_remote(rid)),
-        )
+    role, model_name = "prefill", "teacher"
+
+    def __init__(self, model_dir: str | Path, *, transfer: TransferConfig, **engine: Any) -> None:
+        self._transfer_of: dict[str, tuple[str, int]] = {}  # request id -> (transfer id, prompt length)
+        super().__init__(model_dir, self._layer_done if transfer.layerwise else None, **engine)
+        self.layout = KVLayout.of_teacher(self.model.spec, self.config.dtype, self.config.block_size)
+        self.registry = TransferRegistry(self.core.pool, transfer.lease_seconds, abort_prefill=self.abort)
         servicer = KVTransferServicer(
-            self.cache, self.registry, self.layout, transfer, auth.load_secret(transfer.secret)
+            self.core.cache, self.registry, self.layout, transfer, auth.load_secret(transfer.secret)
         )
         self.server = KVTransferServer(servicer, transfer)
-        self._transfer_of: dict[str, tuple[str, int]] = {}  # request id -> (transfer id, prompt length)
         self.num_prefilled = 0  # remote prefills handed over
         self.ttft = LatencyWindow()  # submit -> first token and KV ready, for remote prefills
 
@@ -102,7 +80,7 @@ class PrefillWorker(ModelWorker):
 
         def admit() -> None:
             self._transfer_of[request.request_id] = (transfer_id, request.num_prompt_tokens)
-            self.remote_engine.add(request)
+            self.core.add(request, self.model_name, decode=None)
 
         self.loop.call(admit)
         return TransferTicket(transfer_id, self.address, request.request_id, request.num_prompt_tokens)
@@ -115,46 +93,39 @@ class PrefillWorker(ModelWorker):
     def abort_transfer(self, transfer_id: str, reason: str = "aborted by the prefill side") -> None:
         self.registry.abort(transfer_id, reason)
 
-    def stats(self) -> dict[str, float]:
-        stats = super().stats()
-        stats["open_transfers"] = self.registry.num_open
-        stats["prefilled"] = self.num_prefilled
-        stats["ttft_s"] = self.ttft.mean()
-        stats["waiting"] += len(self.remote_engine.waiting)
-        stats["running"] += len(self.remote_engine.running)
-        stats["queued_prompt_tokens"] = sum(
-            r.num_prompt_tokens - r.num_computed_tokens
-            for r in (*self.remote_engine.waiting, *self.remote_engine.running)
+    def stats(self) -> WorkerStats:
+        return replace(
+            super().stats(),
+            open_transfers=self.registry.num_open,
+            prefilled=self.num_prefilled,
+            ttft_s=self.ttft.mean(),
         )
-        return stats
 
     # -- engine thread -------------------------------------------------------------------------------------
-    def _step_more(self) -> bool:
-        if not self.remote_engine.has_work():
-            return False
-        result = self.remote_engine.step()
-        for request in result.handed_over:
+    def _hand_over(self, prefilled: tuple[Prefilled, ...]) -> None:
+        for done in prefilled:
+            request = done.request
             self.num_prefilled += 1
             self.ttft.add(time.perf_counter() - request.timeline[RequestStatus.RECEIVED.value])
             transfer_id, _ = self._transfer_of.pop(request.request_id)
-            logprob = request.output_logprobs[0] if request.output_logprobs else None
+            # A resumed request samples nothing here: its decode worker continues from the tokens it has.
+            first = done.first_token
+            token = first.token_id if first is not None else request.output_token_ids[0]
+            logprob = first.logprob if first is not None else None
             self.registry.complete(
-                transfer_id,
-                request,
-                Completion(request.output_token_ids[0], request.num_prompt_tokens, logprob),
+                transfer_id, request, Completion(token, request.num_prompt_tokens, logprob)
             )
-        return True
 
     def _layer_done(self, batch: Batch, layer: int) -> None:
         # Only a prompt's final chunk makes its KV final; earlier chunks are complete before it runs.
         for seq in batch.seqs:
-            transfer_id, prompt_len = self._transfer_of[seq.request_id]
-            if seq.context_len == prompt_len:
-                self.registry.layer_done(transfer_id, layer)
+            transfer = self._transfer_of.get(seq.request_id)  # None: a local (full-mode) prefill
+            if transfer is not None and seq.context_len == transfer[1]:
+                self.registry.layer_done(transfer[0], layer)
 
-    def _abort_remote(self, request_id: str) -> None:
+    def _abort_now(self, request_id: str) -> None:
         self._transfer_of.pop(request_id, None)
-        self.remote_engine.abort(request_id)
+        super()._abort_now(request_id)
 
     def _crash(self, error: BaseException) -> None:
         super()._crash(error)

@@ -1,5 +1,5 @@
 """`overfill-serve client`: one request (or the model list) to a running overfill-serve app, over the OpenAI
-HTTP API or the gRPC API, with the clients of `overfill_serve.client`."""
+HTTP API or the gRPC API, with the clients of `overfill_serve.tools.client`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from typing import Any, TextIO
 
 from overfill_serve._proto.overfill.v1 import generate_pb2 as pb
-from overfill_serve.client import MODES, ClientError, GRPCClient, HTTPClient
+from overfill_serve.tools.client import MODES, ClientError, GRPCClient, HTTPClient
 
 API_KEY_ENV = "OVERFILL_API_KEY"
 

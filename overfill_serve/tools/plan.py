@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from overfill_serve.errors import ModelConfigError
-from overfill_serve.gpu_specs import GpuSpec
 from overfill_serve.model.spec import ModelSpec
+from overfill_serve.tools.gpu_specs import GpuSpec
 
 DEPLOYMENTS = ("overfill-disagg", "full-disagg", "full-colocated")
 _EPS = 1e-9  # keeps ceil/floor of values that are whole up to float error from stepping by one

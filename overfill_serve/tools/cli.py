@@ -59,9 +59,9 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _check_pair(args: argparse.Namespace) -> None:
-    from overfill_serve.default_model import default_model_dir
     from overfill_serve.model.pair import compare_pair
     from overfill_serve.model.spec import ModelSpec
+    from overfill_serve.tools.default_model import default_model_dir
 
     prefill = args.prefill_model or default_model_dir()
     teacher = ModelSpec.from_dir(prefill)
@@ -101,7 +101,7 @@ def _prune(args: argparse.Namespace) -> None:
 
 
 def _fetch_default(args: argparse.Namespace) -> None:
-    from overfill_serve.default_model import fetch_default
+    from overfill_serve.tools.default_model import fetch_default
 
     print(fetch_default(force=args.force))
 
@@ -143,10 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--force", action="store_true")
     fetch.set_defaults(func=_fetch_default)
 
-    from overfill_serve.client_cli import add_client_command  # grpc, no torch
+    from overfill_serve.tools.client_cli import add_client_command  # grpc, no torch
 
     add_client_command(sub)
-    from overfill_serve.plan_cli import add_plan_command  # stdlib + ModelSpec only, no torch
+    from overfill_serve.tools.plan_cli import add_plan_command  # stdlib + ModelSpec only, no torch
 
     add_plan_command(sub)
     return parser

@@ -7,9 +7,9 @@ import sys
 from typing import Any, TextIO
 
 from overfill_serve.errors import ModelConfigError
-from overfill_serve.gpu_specs import format_gpu_table, gpu_spec, load_gpu_specs
 from overfill_serve.model.spec import ModelSpec
-from overfill_serve.plan import (
+from overfill_serve.tools.gpu_specs import format_gpu_table, gpu_spec, load_gpu_specs
+from overfill_serve.tools.plan import (
     DEPLOYMENTS,
     PRESETS,
     Assumptions,

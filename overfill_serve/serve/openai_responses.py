@@ -1,10 +1,10 @@
 """OpenAI-compatible responses: completions, chat completions and their SSE streams, built from StepOutputs.
 
-Pure protocol code (no Ray, no HTTP framework). Per HTTP request the Router makes one `CompletionResponder` or
+Pure protocol code (no Ray, no HTTP framework). Per HTTP request the ingress makes one `CompletionResponder` or
 `ChatResponder` (see `make_responder`) and feeds it `(choice_index, StepOutput)` pairs as they arrive: `add`
 returns the streaming chunks to send, `response()` the final non-streaming body. `sse_stream` wraps the whole
 streaming exchange, error event and `[DONE]` included; `merge_choices` interleaves the n choices' streams.
-Request parsing lives in `openai_protocol`, errors in `openai_errors`, model names in `model_names`.
+Request parsing lives in `openai_requests`, errors in `openai_errors`, model names in `model_names`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from overfill_serve.engine.output_processor import StepOutput
 from overfill_serve.request import FinishReason, Mode, TokenLogprob
 from overfill_serve.serve.model_names import model_ids
 from overfill_serve.serve.openai_errors import ApiError, from_exception
-from overfill_serve.serve.openai_protocol import AnyRequest, ChatCompletionRequest, CompletionRequest
+from overfill_serve.serve.openai_requests import AnyRequest, ChatCompletionRequest, CompletionRequest
 from overfill_serve.serve.served_by import ServedBy
 from overfill_serve.serve.token_strings import TokenStrings
 
@@ -54,21 +54,12 @@ MODE_DESCRIPTIONS = {
 
 
 def model_list(
-    pair_name: str,
-    created: int,
-    owned_by: str = "overfill-serve",
-    *,
-    full_model: str | None = None,
-    pruned_model: str | None = None,
+    pair_name: str, created: int, teacher: str, student: str, owned_by: str = "overfill-serve"
 ) -> dict[str, Any]:
     """GET /v1/models: the four names; the `overfill` extension says which model runs each stage."""
     data = []
     for name, mode in model_ids(pair_name):
-        ext = {"description": MODE_DESCRIPTIONS[mode]}
-        if full_model is not None and pruned_model is not None:
-            ext |= ServedBy.of(mode, full_model, pruned_model).to_json()
-        else:
-            ext["mode"] = mode.value
+        ext = {"description": MODE_DESCRIPTIONS[mode], **ServedBy.of(mode, teacher, student).to_json()}
         data.append(
             {"id": name, "object": "model", "created": created, "owned_by": owned_by, "overfill": ext}
         )
@@ -98,7 +89,7 @@ class ChoiceState:
         if self.finished:
             raise RuntimeError(f"choice {self.index} received output after it finished")
         if step.finish_reason is FinishReason.ABORT:
-            # Client disconnects never reach here (the Router stops reading); an abort is the server's doing.
+            # Client disconnects never reach here (the ingress stops reading); an abort is the server's doing.
             raise ApiError.unavailable("The request was aborted by the server", code="request_aborted")
         start, end = len(self.text), len(self.text) + len(step.text)
         offset = start

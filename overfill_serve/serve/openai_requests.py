@@ -1,6 +1,6 @@
 """OpenAI-compatible requests: pydantic models, validation and sampling parameters.
 
-Pure protocol code (no Ray, no HTTP framework): the Router parses a body with `parse_request`, builds one
+Pure protocol code (no Ray, no HTTP framework): the ingress parses a body with `parse_request`, builds one
 `SamplingParams` per choice with `to_sampling_params` and the prompt's token ids with `encode_prompt`. Every
 invalid request raises a 400 `ApiError` naming the parameter. Model names resolve through
 `model_names.resolve_model`, errors map to OpenAI error bodies in `openai_errors`.
@@ -24,9 +24,9 @@ from pydantic import (
 )
 
 from overfill_serve.errors import InvalidRequestError
+from overfill_serve.prompt import PromptEncoder
 from overfill_serve.sampling_params import SamplingParams
 from overfill_serve.serve.openai_errors import ApiError, from_validation_errors
-from overfill_serve.tokenizer import encode_chat
 
 MAX_N = 8
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API allows 0..5 alternatives
@@ -202,7 +202,7 @@ def to_sampling_params(
 ) -> SamplingParams:
     """Sampling parameters of one choice. With a seed, choice i uses seed + i: choices differ, yet each is
     reproducible. Completions default to max_tokens=16 as in OpenAI; a chat without a limit gets
-    `default_max_tokens` (the Router may pass the room left in the context), else runs to the context limit."""
+    `default_max_tokens` (the ingress may pass the room left in the context), else runs to the context limit."""
     fields = {"logprobs": "logprobs"}  # SamplingParams field -> the request parameter it came from
     if isinstance(request, CompletionRequest):
         max_tokens, logprobs = request.max_tokens, request.logprobs
@@ -245,31 +245,9 @@ def choice_sampling_params(
     ]
 
 
-def encode_prompt(
-    request: AnyRequest, tokenizer: Any, *, vocab_size: int | None = None, max_model_len: int | None = None
-) -> list[int]:
-    """Prompt token ids (chat rendered through the tokenizer's chat template), checked like `LLM` does."""
-    field = "prompt"
-    try:
-        if isinstance(request, ChatCompletionRequest):
-            field = "messages"
-            ids = encode_chat(tokenizer, request.template_messages())
-        elif isinstance(request.single_prompt, str):
-            ids = list(tokenizer(request.single_prompt)["input_ids"])
-        else:
-            ids = list(request.single_prompt)
-            if any(t < 0 or (vocab_size is not None and t >= vocab_size) for t in ids):
-                raise ApiError.invalid(
-                    f"prompt token ids must be in [0, {vocab_size or 'vocab size'})", "prompt"
-                )
-    except InvalidRequestError as e:
-        raise ApiError.invalid(str(e), e.field or field) from None
-    if not ids:
-        raise ApiError.invalid(f"{field} is empty", field)
-    if max_model_len is not None and len(ids) >= max_model_len:
-        raise ApiError.invalid(
-            f"the prompt has {len(ids)} tokens; the context limit is {max_model_len} "
-            "(prompt plus at least one generated token)",
-            field,
-        )
-    return ids
+def encode_prompt(request: AnyRequest, prompts: PromptEncoder) -> list[int]:
+    """Prompt token ids (a chat rendered through the model's chat template), checked as every API checks
+    them: a bad prompt raises `InvalidRequestError`, a 400 naming the field."""
+    if isinstance(request, ChatCompletionRequest):
+        return prompts.chat(request.template_messages())
+    return prompts.encode(request.single_prompt)

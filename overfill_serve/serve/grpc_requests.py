@@ -1,0 +1,118 @@
+"""The public gRPC API's requests (protos/overfill/v1/generate.proto) on the engine's types: pure conversions,
+no Ray. Responses are in `grpc_responses`, status codes in `grpc_errors`; the ingress's `Generate` /
+`GenerateStream` / `ListModels` handlers use all three.
+
+Model ids resolve through `model_names.resolve_model` (an empty id is the pair's OverFill mode here).
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+from overfill_serve._proto.overfill.v1 import generate_pb2 as pb
+from overfill_serve.errors import InvalidRequestError
+from overfill_serve.prompt import PromptEncoder
+from overfill_serve.request import Mode
+from overfill_serve.sampling_params import SamplingParams
+from overfill_serve.serve.model_names import resolve_model
+
+MODE_TO_PROTO = {Mode.OVERFILL: pb.MODE_OVERFILL, Mode.FULL: pb.MODE_FULL, Mode.PRUNED: pb.MODE_PRUNED}
+MODE_FROM_PROTO = {v: k for k, v in MODE_TO_PROTO.items()}
+
+# SamplingOptions fields with proto3 presence: absent means SamplingParams' default.
+_OPTIONAL_INTS = ("max_tokens", "top_k", "seed", "logprobs")
+_OPTIONAL_FLOATS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+MAX_REQUEST_ID_LEN = 256
+
+
+# -- requests ---------------------------------------------------------------------------------------------
+
+
+def mode_from_request(request: pb.GenerateRequest, pair_name: str) -> Mode:
+    """`request.mode` when set, else the model id's suffix. The model id must name this pair either way."""
+    mode = resolve_model(request.model, pair_name, allow_empty=True)
+    if request.mode == pb.MODE_UNSPECIFIED:
+        return mode
+    try:
+        return MODE_FROM_PROTO[request.mode]
+    except KeyError:
+        raise InvalidRequestError(f"unknown mode {request.mode}", field="mode") from None
+
+
+def prompt_from_request(request: pb.GenerateRequest, prompts: PromptEncoder) -> list[int]:
+    """The prompt's token ids (text, token ids or a chat), checked by the encoder every API shares."""
+    kind = request.WhichOneof("prompt")
+    if kind == "text":
+        return prompts.encode(request.text)
+    if kind == "token_ids":
+        return prompts.check(list(request.token_ids.ids))
+    if kind == "chat":
+        messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+        if any(not m["role"] for m in messages):
+            raise InvalidRequestError("every chat message needs a role", field="messages")
+        return prompts.chat(messages)
+    raise InvalidRequestError("the request has no prompt: set text, token_ids or chat", field="prompt")
+
+
+def request_id_of(request: pb.GenerateRequest) -> str:
+    """The client's request id, checked, or a fresh one."""
+    if not request.HasField("request_id"):
+        return f"gen-{uuid.uuid4().hex}"
+    rid = request.request_id
+    if not rid or len(rid) > MAX_REQUEST_ID_LEN or not rid.isprintable():
+        raise InvalidRequestError(
+            f"request_id must be 1 to {MAX_REQUEST_ID_LEN} printable characters", field="request_id"
+        )
+    return rid
+
+
+def params_from_proto(options: pb.SamplingOptions | None) -> SamplingParams:
+    """SamplingParams from SamplingOptions; absent fields keep SamplingParams' defaults. Raises
+    `InvalidRequestError` naming the field."""
+    if options is None:
+        return SamplingParams()
+    kwargs: dict = {}
+    for name in _OPTIONAL_INTS:
+        if options.HasField(name):
+            kwargs[name] = int(getattr(options, name))
+    for name in _OPTIONAL_FLOATS:
+        if options.HasField(name):
+            value = float(getattr(options, name))
+            if not math.isfinite(value):
+                raise InvalidRequestError(f"{name} must be a finite number, got {value}", field=name)
+            kwargs[name] = value
+    if options.HasField("skip_special_tokens"):
+        kwargs["skip_special_tokens"] = options.skip_special_tokens
+    if any(t < 0 for t in options.stop_token_ids):
+        raise InvalidRequestError("stop_token_ids must be >= 0", field="stop_token_ids")
+    return SamplingParams(
+        stop=tuple(options.stop),
+        stop_token_ids=tuple(options.stop_token_ids),
+        ignore_eos=options.ignore_eos,
+        include_stop_str_in_output=options.include_stop_str_in_output,
+        **kwargs,
+    )
+
+
+def params_to_proto(params: SamplingParams) -> pb.SamplingOptions:
+    """The exact inverse of `params_from_proto` (every field set; seed / logprobs only when not None)."""
+    options = pb.SamplingOptions(
+        stop=list(params.stop),
+        stop_token_ids=list(params.stop_token_ids),
+        ignore_eos=params.ignore_eos,
+        include_stop_str_in_output=params.include_stop_str_in_output,
+        skip_special_tokens=params.skip_special_tokens,
+    )
+    for name in (*_OPTIONAL_INTS, *_OPTIONAL_FLOATS):
+        value = getattr(params, name)
+        if value is not None:
+            setattr(options, name, value)
+    return options
