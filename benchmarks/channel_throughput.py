@@ -104,11 +104,11 @@ def channel_throughput(
                         continue
                     prompt = [prompt_base + (i + run) % 200 for i in range(tokens[n])]
                     ticket = prefill.call("submit", prompt, GREEDY_1)
-                    prefill.call("done_at", ticket["transfer_id"], 120.0)  # time the transfer only
+                    prefill.call("done_at", ticket.transfer_id, 120.0)  # time the transfer only
                     blocks = decode.core.pool.allocate(-(-tokens[n] // KV_BLOCK_SIZE))
                     assert blocks is not None
                     try:
-                        _, stats = channel.pull(ticket["transfer_id"], blocks, tokens[n])
+                        _, stats = channel.pull(ticket.transfer_id, blocks, tokens[n])
                     except Exception as e:  # noqa: BLE001 - a backend that fails is reported, not fatal
                         failures[name] = f"{type(e).__name__}: {e}"
                         log(f"  {name}: pull failed: {failures[name]}")

@@ -127,11 +127,9 @@ def part1(args, log) -> None:
 
 def part2(args, log) -> None:
     from overfill_serve.errors import ModelConfigError
-    from overfill_serve.sampling_params import SamplingParams
     from overfill_serve.tools.default_model import default_model_dir
     from overfill_serve.transfer.config import TransferConfig
     from overfill_serve.worker.decode_worker import DecodeWorker
-    from overfill_serve.worker.prefill_worker import TransferTicket
 
     prompt_len = 512 if args.quick else 2048
     runs = 1 if args.quick else args.ttft_runs
@@ -165,7 +163,6 @@ def part2(args, log) -> None:
     # per run: TTFT, prefill (submit -> prefill complete, stamped in the prefill process), pull first byte,
     # pull seconds, bytes
     results: dict[bool, list[tuple[float, float, float, float, int]]] = {True: [], False: []}
-    params = SamplingParams(**GREEDY_1)
     try:
         for run in range(runs + 1):
             for mode, prefill in prefills.items():
@@ -173,13 +170,13 @@ def part2(args, log) -> None:
                 prompt = corpus[offset : offset + prompt_len]
                 start = time.perf_counter()
                 ticket = prefill.call("submit", prompt, GREEDY_1)
-                gen = decode.generate_from(TransferTicket(**ticket), prompt, params)
+                gen = decode.generate_from(ticket)
                 first = next(gen)
                 ttft = time.perf_counter() - start
                 for _ in gen:
                     pass
                 assert first.token_ids
-                prefill_s = prefill.call("done_at", ticket["transfer_id"], 60.0) - start
+                prefill_s = prefill.call("done_at", ticket.transfer_id, 60.0) - start
                 st = decode.last_transfer
                 assert st is not None
                 if run:

@@ -11,14 +11,15 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the two-process harness the KV-channel tests use
 
 from peer_process import SECRET  # noqa: E402  (the cluster secret the test peers use)
 
-GREEDY_1: dict[str, Any] = {"max_tokens": 1, "temperature": 0, "ignore_eos": True}
+from overfill_serve.sampling_params import SamplingParams  # noqa: E402
+
+GREEDY_1 = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
 TIMEOUT = 300.0  # TransferConfig.timeout_seconds: the box is shared, and a stalled run should fail, not hang
 
 
@@ -28,7 +29,6 @@ def _prefill_serve(conn, model_dir: str, worker_kwargs: dict, transfer_kwargs: d
     import threading
 
     os.environ["OVERFILL_CLUSTER_SECRET"] = SECRET
-    from overfill_serve.sampling_params import SamplingParams
     from overfill_serve.transfer.config import TransferConfig
     from overfill_serve.worker.prefill_worker import PrefillWorker
 
@@ -54,9 +54,7 @@ def _prefill_serve(conn, model_dir: str, worker_kwargs: dict, transfer_kwargs: d
                 conn.send(("ok", None))
                 return
             if command == "submit":
-                prompt, params = args
-                ticket = worker.submit(prompt, SamplingParams(**params))
-                conn.send(("ok", dict(ticket.__dict__)))
+                conn.send(("ok", worker.submit(*args)))  # prompt, SamplingParams -> TransferTicket
             elif command == "done_at":  # block until the transfer's prefill has completed
                 transfer_id, timeout = args
                 with cond:

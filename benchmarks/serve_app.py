@@ -18,8 +18,8 @@ APP_NAME = "overfill-load"
 MODE_SUFFIX = {"overfill": "", "full": ":full", "pruned": ":pruned"}
 
 
-def start_app(prefill_dir: Path, decode_dir: Path) -> tuple[str, str, dict[str, Any]]:
-    """Start Ray and the app on a free loopback port; returns (url, pair name, app args)."""
+def start_app(prefill_dir: Path, decode_dir: Path) -> tuple[str, Any]:
+    """Start Ray and the app on a free loopback port; returns (url, its ServeConfig)."""
     import yaml
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -47,8 +47,9 @@ def start_app(prefill_dir: Path, decode_dir: Path) -> tuple[str, str, dict[str, 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app_with(ServeConfig.from_args(args), options), name=APP_NAME, route_prefix="/")
-    return f"http://127.0.0.1:{port}", args["pair_name"], args
+    serve_config = ServeConfig.from_args(args)
+    serve.run(build_app_with(serve_config, options), name=APP_NAME, route_prefix="/")
+    return f"http://127.0.0.1:{port}", serve_config
 
 
 def replica_threads() -> int:

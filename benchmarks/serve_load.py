@@ -205,13 +205,14 @@ def main() -> int:
                 args.pair, Path(tmp), args.prune_hidden, args.prune_intermediate
             )
             t = time.perf_counter()
-            url, pair, app_args = start_app(prefill_dir, decode_dir)
+            url, app_config = start_app(prefill_dir, decode_dir)
+            pair, prefill, decode = app_config.pair_name, app_config.prefill, app_config.decode
             print(f"pair {desc}")
             print(
                 f"app: in-process Serve app on {url} (cluster/config.yaml args: block_size "
-                f"{app_args['block_size']}, kv blocks {app_args['prefill_kv_blocks']}/"
-                f"{app_args['decode_kv_blocks']}, max_num_seqs {app_args['max_num_seqs']}, transfer "
-                f"{app_args.get('transfer', {}).get('backend', 'grpc')}; 1 PrefillServer + 1 DecodeServer + "
+                f"{prefill.block_size}, kv blocks {prefill.num_kv_blocks}/{decode.num_kv_blocks}, "
+                f"max_num_seqs {decode.max_num_seqs}, transfer "
+                f"{app_config.transfer.get('backend', 'grpc')}; 1 PrefillServer + 1 DecodeServer + "
                 f"1 Ingress replica, torch threads per replica {replica_threads()}), started in "
                 f"{time.perf_counter() - t:.1f} s"
             )
@@ -288,7 +289,7 @@ def main() -> int:
 
             threads = args.offline_threads or (replica_threads() if own_app else 1)
             torch.set_num_threads(threads)
-            blocks = int(app_args["decode_kv_blocks"]) if own_app else 512
+            blocks = app_config.decode.num_kv_blocks if own_app else 512
             llm = LLM(prefill_dir, decode_dir, num_kv_blocks=blocks, max_num_seqs=32)
             over_reqs = reqs[:n_over]
             print("\n## Part 2: Serve path vs offline engine, one request at a time")

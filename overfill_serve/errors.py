@@ -12,6 +12,17 @@ from collections.abc import Sequence
 class OverfillError(Exception):
     """Base class of every error overfill-serve raises on purpose."""
 
+    def __reduce__(self) -> tuple:
+        # Errors cross process boundaries (Ray, pipes): rebuild with every field, whatever the constructor.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[OverfillError], args: tuple, state: dict) -> OverfillError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class InvalidRequestError(OverfillError, ValueError):
     """A request or its sampling parameters are invalid. `field` names the offending parameter."""
@@ -19,9 +30,6 @@ class InvalidRequestError(OverfillError, ValueError):
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
-
-    def __reduce__(self) -> tuple:  # errors cross process boundaries (Ray): keep every field
-        return (type(self), (str(self), self.field))
 
 
 class ModelNotFoundError(InvalidRequestError):
@@ -31,9 +39,6 @@ class ModelNotFoundError(InvalidRequestError):
     def __init__(self, model: str, available: Sequence[str]) -> None:
         super().__init__(f"model {model!r} not found; available: {', '.join(available)}", field="model")
         self.model, self.available = model, list(available)
-
-    def __reduce__(self) -> tuple:
-        return (type(self), (self.model, self.available))
 
 
 class UnauthenticatedError(OverfillError):
@@ -47,9 +52,6 @@ class OverloadedError(OverfillError):
     def __init__(self, message: str = "the server is overloaded", retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
-
-    def __reduce__(self) -> tuple:
-        return (type(self), (str(self), self.retry_after_s))
 
 
 class ServiceUnavailableError(OverfillError):
@@ -78,9 +80,6 @@ class PairMismatchError(OverfillError, ValueError):
         super().__init__("model pair mismatch:\n  " + "\n  ".join(mismatches))
         self.mismatches = mismatches
 
-    def __reduce__(self) -> tuple:
-        return (type(self), (self.mismatches,))
-
 
 class OutOfBlocksError(OverfillError):
     """The KV cache cannot hold a request even when it runs alone."""
@@ -100,9 +99,6 @@ class LayoutMismatchError(TransferError):
     def __init__(self, mismatches: list[str]) -> None:
         super().__init__("KV layout mismatch:\n  " + "\n  ".join(mismatches))
         self.mismatches = mismatches
-
-    def __reduce__(self) -> tuple:
-        return (type(self), (self.mismatches,))
 
 
 class ChunkError(TransferError):
@@ -134,6 +130,3 @@ class PreemptedError(OverfillError):
         super().__init__(f"request {request_id} was preempted after {len(output_token_ids)} tokens")
         self.request_id = request_id
         self.output_token_ids = output_token_ids
-
-    def __reduce__(self) -> tuple:
-        return (type(self), (self.request_id, self.output_token_ids))

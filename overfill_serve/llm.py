@@ -23,13 +23,6 @@ from overfill_serve.prompt import Prompt, PromptEncoder
 from overfill_serve.request import Mode, Request, TokenLogprob
 from overfill_serve.sampling_params import SamplingParams
 
-# Which model runs each stage: (prefill, decode).
-ROUTES = {
-    Mode.OVERFILL: ("teacher", "student"),
-    Mode.FULL: ("teacher", "teacher"),
-    Mode.PRUNED: ("student", "student"),
-}
-
 
 @dataclass(frozen=True)
 class RequestMetrics:
@@ -111,7 +104,7 @@ class LLM:
                 f"request id {request.request_id!r} is already in use", field="request_id"
             )
         self._requests[request.request_id] = request
-        self.core.add(request, *ROUTES[mode])
+        self.core.add(request, *mode.models)
         return request
 
     def abort(self, request_id: str) -> bool:

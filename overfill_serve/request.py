@@ -26,6 +26,14 @@ class Mode(str, enum.Enum):
     FULL = "full"  # teacher both stages
     PRUNED = "pruned"  # student both stages
 
+    @property
+    def models(self) -> tuple[str, str]:
+        """The model ("teacher" or "student") that runs the prefill, and the one that runs the decode."""
+        return (
+            "student" if self is Mode.PRUNED else "teacher",
+            "teacher" if self is Mode.FULL else "student",
+        )
+
     @classmethod
     def parse(cls, value: str | Mode) -> Mode:
         try:

@@ -8,7 +8,6 @@ import multiprocessing as mp
 import os
 import time
 import traceback
-from dataclasses import asdict
 from typing import Any
 
 SECRET = "test-cluster-secret-0123456789abcdef"
@@ -18,10 +17,9 @@ def _serve(
     conn: Any, kind: str, model_dir: str, worker_kwargs: dict, transfer_kwargs: dict, chunk_delay: float
 ) -> None:
     os.environ["OVERFILL_CLUSTER_SECRET"] = SECRET
-    from overfill_serve.sampling_params import SamplingParams
     from overfill_serve.transfer.config import TransferConfig
     from overfill_serve.worker.decode_worker import DecodeWorker
-    from overfill_serve.worker.prefill_worker import PrefillWorker, TransferTicket
+    from overfill_serve.worker.prefill_worker import PrefillWorker
 
     config = TransferConfig(**transfer_kwargs)
     if kind == "prefill":
@@ -44,14 +42,9 @@ def _serve(
                 conn.send(("ok", None))
                 return
             if command == "submit":
-                prompt, params = args
-                conn.send(("ok", asdict(worker.submit(prompt, SamplingParams(**params)))))
+                conn.send(("ok", worker.submit(*args)))  # prompt, SamplingParams -> TransferTicket
             elif command == "generate":
-                ticket, prompt, params = args
-                tokens = []
-                for out in worker.generate_from(TransferTicket(**ticket), prompt, SamplingParams(**params)):
-                    tokens += out.token_ids
-                conn.send(("ok", tokens))
+                conn.send(("ok", [t for out in worker.generate_from(*args) for t in out.token_ids]))
             elif command == "abort":
                 worker.abort_transfer(*args)
                 conn.send(("ok", None))

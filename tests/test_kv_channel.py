@@ -30,7 +30,7 @@ from overfill_serve.errors import (
 from overfill_serve.transfer.chunk import ChunkHeader
 from overfill_serve.transfer.config import TransferConfig
 from overfill_serve.worker.decode_worker import DecodeWorker
-from overfill_serve.worker.prefill_worker import PrefillWorker, TransferTicket
+from overfill_serve.worker.prefill_worker import PrefillWorker
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 PROMPTS = [list(range(10, 47)), [7, 8, 9], list(range(100, 180))]
@@ -62,12 +62,8 @@ def test_two_processes_match_single_process(pairs, kind, dtype):
     decode.start()
     try:
         for prompt, want in zip(PROMPTS, expected):
-            ticket = prefill.call("submit", prompt, {"max_tokens": 10, "temperature": 0, "ignore_eos": True})
-            tokens = [
-                t
-                for out in decode.generate_from(TransferTicket(**ticket), prompt, GREEDY)
-                for t in out.token_ids
-            ]
+            ticket = prefill.call("submit", prompt, GREEDY)
+            tokens = [t for out in decode.generate_from(ticket) for t in out.token_ids]
             assert tokens == want.token_ids
             # Only the kept layers travel: a depth-pruned student pulls half the teacher's KV.
             assert decode.last_transfer.nbytes == 2 * len(
@@ -125,7 +121,7 @@ def test_wrong_secret_is_refused(workers, pairs):
         intruder.channel(prefill.address)
     ticket = prefill.submit(PROMPTS[0], GREEDY)
     with pytest.raises(AuthenticationError):
-        intruder.generate_from(ticket, PROMPTS[0], GREEDY).__next__()
+        intruder.generate_from(ticket).__next__()
     prefill.abort_transfer(ticket.transfer_id)
     assert pool_full(intruder.stats())
     wait_until(lambda: pool_full(prefill.stats()))
@@ -175,7 +171,7 @@ def test_bad_chunks_rejected_and_cleaned_up(workers, tamper, message):
     ticket = prefill.submit(PROMPTS[0], GREEDY)
     before = decode.core.cache.tensor.clone()
     with pytest.raises(ChunkError, match=message):
-        list(decode.generate_from(ticket, PROMPTS[0], GREEDY))
+        list(decode.generate_from(ticket))
     assert torch.equal(decode.core.cache.tensor, before)  # nothing was written by the bad chunk
     assert pool_full(decode.stats())
     wait_until(lambda: pool_full(prefill.stats()))
@@ -190,7 +186,7 @@ def test_unpulled_transfer_expires(pairs):
         wait_until(lambda: prefill.stats().open_transfers == 1 and not pool_full(prefill.stats()))
         wait_until(lambda: pool_full(prefill.stats()), timeout=3)
         with pytest.raises(TransferNotFoundError, match="lease expired"):
-            list(decode.generate_from(ticket, PROMPTS[2], GREEDY))
+            list(decode.generate_from(ticket))
         assert pool_full(decode.stats())
     finally:
         decode.stop()
@@ -208,7 +204,7 @@ def test_renewed_lease_survives(pairs):
         for _ in range(4):
             time.sleep(0.25)
             assert channel.renew(ticket.transfer_id) > 0.3
-        assert len([t for o in decode.generate_from(ticket, PROMPTS[0], GREEDY) for t in o.token_ids]) == 10
+        assert len([t for o in decode.generate_from(ticket) for t in o.token_ids]) == 10
         wait_until(lambda: pool_full(prefill.stats()))
     finally:
         decode.stop()
@@ -226,7 +222,7 @@ def test_drain_waits_for_open_transfers(pairs):
     try:
         pulled, _ = prefill.submit(PROMPTS[0], GREEDY), prefill.submit(PROMPTS[2], GREEDY)
         assert not prefill.drain(timeout=0.2)  # both still open
-        tokens = [t for o in decode.generate_from(pulled, PROMPTS[0], GREEDY) for t in o.token_ids]
+        tokens = [t for o in decode.generate_from(pulled) for t in o.token_ids]
         assert tokens == llm.generate(PROMPTS[0], GREEDY)[0].token_ids
         assert prefill.registry.num_open == 1  # the unpulled one holds on until its lease ends
         start = time.monotonic()
@@ -244,7 +240,7 @@ def test_abort_from_decode_side(workers):
     decode.channel(prefill.address).abort(ticket.transfer_id, "client went away")
     wait_until(lambda: pool_full(prefill.stats()))
     with pytest.raises(TransferAbortedError, match="client went away"):
-        list(decode.generate_from(ticket, PROMPTS[1], GREEDY))
+        list(decode.generate_from(ticket))
     assert pool_full(decode.stats())
 
 
@@ -259,7 +255,7 @@ def test_abort_from_prefill_side_mid_pull(workers):
     ticket = prefill.submit(PROMPTS[2], GREEDY)
     threading.Timer(0.2, prefill.abort_transfer, (ticket.transfer_id, "operator abort")).start()
     with pytest.raises(TransferAbortedError, match="operator abort"):
-        list(decode.generate_from(ticket, PROMPTS[2], GREEDY))
+        list(decode.generate_from(ticket))
     assert pool_full(decode.stats())
     wait_until(lambda: pool_full(prefill.stats()))
 
@@ -278,7 +274,7 @@ def test_stalled_peer_times_out(pairs):
         ticket = prefill.submit(PROMPTS[0], GREEDY)
         start = time.monotonic()
         with pytest.raises(TransferTimeoutError):
-            list(decode.generate_from(ticket, PROMPTS[0], GREEDY))
+            list(decode.generate_from(ticket))
         assert time.monotonic() - start < 2.5
         assert pool_full(decode.stats())
         wait_until(lambda: pool_full(prefill.stats()), timeout=6)
@@ -295,11 +291,11 @@ def test_prefill_peer_killed_mid_transfer(pairs):
     decode = DecodeWorker(pair.student, transfer=TransferConfig(chunk_bytes=512), **decode_kwargs(pair))
     decode.start()
     try:
-        ticket = prefill.call("submit", PROMPTS[2], {"max_tokens": 10, "temperature": 0})
+        ticket = prefill.call("submit", PROMPTS[2], GREEDY)
         threading.Timer(0.5, prefill.kill).start()
         start = time.monotonic()
         with pytest.raises(PeerUnavailableError):
-            list(decode.generate_from(TransferTicket(**ticket), PROMPTS[2], GREEDY))
+            list(decode.generate_from(ticket))
         assert time.monotonic() - start < 5
         assert pool_full(decode.stats())
     finally:
@@ -320,7 +316,7 @@ def test_decode_peer_killed_mid_transfer(pairs):
     decode = PeerProcess("decode", pair.student, decode_kwargs(pair), dict(chunk_bytes=512))
     try:
         ticket = prefill.submit(PROMPTS[2], GREEDY)
-        decode.send("generate", ticket.__dict__, PROMPTS[2], {"max_tokens": 10, "temperature": 0})
+        decode.send("generate", ticket)
         wait_until(lambda: prefill.stats().open_transfers == 1)
         time.sleep(0.5)  # mid-stream
         decode.kill()

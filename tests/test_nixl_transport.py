@@ -40,7 +40,7 @@ from overfill_serve.transfer.nixl_agent import RemotePool
 from overfill_serve.transfer.nixl_transport import coalesce
 from overfill_serve.transfer.transport import KVTransport
 from overfill_serve.worker.decode_worker import DecodeWorker
-from overfill_serve.worker.prefill_worker import PrefillWorker, TransferTicket
+from overfill_serve.worker.prefill_worker import PrefillWorker
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 PROMPTS = [list(range(10, 47)), [7, 8, 9], list(range(100, 180))]
@@ -53,8 +53,8 @@ def env(monkeypatch):
     monkeypatch.setenv("UCX_NET_DEVICES", "lo")  # read by UCX when an agent is created
 
 
-def _tokens(decode, ticket, prompt):
-    return [t for out in decode.generate_from(ticket, prompt, GREEDY) for t in out.token_ids]
+def _tokens(decode, ticket):
+    return [t for out in decode.generate_from(ticket) for t in out.token_ids]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -67,7 +67,7 @@ def test_matches_single_process(pairs, kind, dtype):
     decode = DecodeWorker(pair.student, transfer=NIXL, **decode_kwargs(pair, dtype)).start()
     try:
         for prompt, want in zip(PROMPTS, expected):
-            assert _tokens(decode, prefill.submit(prompt, GREEDY), prompt) == want
+            assert _tokens(decode, prefill.submit(prompt, GREEDY)) == want
             stats = decode.last_transfer
             assert stats.backend == "nixl"
             # Only the kept layers travel: a depth-pruned student reads half the teacher's KV.
@@ -200,19 +200,19 @@ def test_forged_descriptors_refused_before_reading(workers, monkeypatch, forgery
     monkeypatch.setattr(source, "describe", lambda layer, blocks: forgery(describe(layer, blocks), source))
     before = decode.core.cache.tensor.clone()
     with pytest.raises(ChunkError, match=message):
-        list(decode.generate_from(prefill.submit(PROMPTS[2], GREEDY), PROMPTS[2], GREEDY))
+        list(decode.generate_from(prefill.submit(PROMPTS[2], GREEDY)))
     if message != "described twice":  # (there the first, genuine, layer was read)
         assert torch.equal(decode.core.cache.tensor, before)  # refused before any read was posted
     assert pool_full(decode.stats())
     wait_until(lambda: pool_full(prefill.stats()) and prefill.stats().open_transfers == 0)
     monkeypatch.undo()  # the channel still works
-    assert len(_tokens(decode, prefill.submit(PROMPTS[1], GREEDY), PROMPTS[1])) == 10
+    assert len(_tokens(decode, prefill.submit(PROMPTS[1], GREEDY))) == 10
     wait_until(lambda: pool_full(prefill.stats()))
 
 
 def test_idle_workers_do_not_spin(workers):
     prefill, decode = workers
-    assert len(_tokens(decode, prefill.submit(PROMPTS[0], GREEDY), PROMPTS[0])) == 10
+    assert len(_tokens(decode, prefill.submit(PROMPTS[0], GREEDY))) == 10
     time.sleep(1.2)  # past the prefill side's burst of polls after its last describe
     start = time.process_time()
     time.sleep(1.0)
@@ -281,7 +281,7 @@ def test_handshake_failure_is_typed_and_stop_closes_the_source(workers):
     bad.close()
     source = prefill.server.servicer.nixl_source
     assert source is not None  # created by that handshake: a good peer still connects
-    assert len(_tokens(decode, prefill.submit(PROMPTS[1], GREEDY), PROMPTS[1])) == 10
+    assert len(_tokens(decode, prefill.submit(PROMPTS[1], GREEDY))) == 10
     prefill.server.stop()
     assert not source._finalizer.alive  # closed: agent's peers removed, pool deregistered
 
@@ -331,9 +331,8 @@ def test_prefill_killed_before_the_read(pairs, monkeypatch):
     prefill = PeerProcess("prefill", pair.teacher, dict(block_size=4, num_kv_blocks=96), dict(backend="nixl"))
     decode = DecodeWorker(pair.student, transfer=NIXL, **decode_kwargs(pair)).start()
     try:
-        params = {"max_tokens": 10, "temperature": 0, "ignore_eos": True}
-        ticket = TransferTicket(**prefill.call("submit", PROMPTS[0], params))
-        assert len(_tokens(decode, ticket, PROMPTS[0])) == 10
+        ticket = prefill.call("submit", PROMPTS[0], GREEDY)
+        assert len(_tokens(decode, ticket)) == 10
         wait_until(lambda: pool_full(prefill.call("stats")))
         post = nixl_module._Reads.post
 
@@ -342,10 +341,10 @@ def test_prefill_killed_before_the_read(pairs, monkeypatch):
             return post(self, *args)
 
         monkeypatch.setattr(nixl_module._Reads, "post", die_first)
-        ticket = TransferTicket(**prefill.call("submit", PROMPTS[2], params))
+        ticket = prefill.call("submit", PROMPTS[2], GREEDY)
         start = time.monotonic()
         with pytest.raises(PeerUnavailableError, match="NIXL"):
-            list(decode.generate_from(ticket, PROMPTS[2], GREEDY))
+            list(decode.generate_from(ticket))
         assert time.monotonic() - start < 5
         assert pool_full(decode.stats())
     finally:

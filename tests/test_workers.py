@@ -91,8 +91,8 @@ def test_remote_request_preempted_hands_back_tokens_and_resumes_exactly(pairs):
     ]
     try:
         decode.loop.call(lambda: time.sleep(0.5))  # hold the engine so both requests join the same step
-        first = decode.generate_from(prefill.submit(PROMPTS[2], params), PROMPTS[2], params)
-        second = decode.generate_from(prefill.submit(PROMPTS[2], params), PROMPTS[2], params)
+        first = decode.generate_from(prefill.submit(PROMPTS[2], params))
+        second = decode.generate_from(prefill.submit(PROMPTS[2], params))
         tokens = []
         with pytest.raises(PreemptedError) as e:
             for out in second:
@@ -101,7 +101,7 @@ def test_remote_request_preempted_hands_back_tokens_and_resumes_exactly(pairs):
         generated = e.value.output_token_ids
         assert generated and tokens == generated
         ticket = prefill.submit(PROMPTS[2], params, generated_token_ids=generated)
-        rest = _tokens(decode.generate_from(ticket, PROMPTS[2], params, generated_token_ids=generated))
+        rest = _tokens(decode.generate_from(ticket))
         assert generated + rest == expected.token_ids
     finally:
         prefill.stop()
@@ -129,7 +129,7 @@ def test_remote_request_preempted_with_swap_stays_on_the_decode_worker(pairs):
     swap.swap_out = lambda rid, blocks: (swapped_out.append(rid), swap_out(rid, blocks))  # type: ignore[method-assign]
     try:
         decode.loop.call(lambda: time.sleep(0.5))  # hold the engine so both requests join the same step
-        streams = [decode.generate_from(prefill.submit(PROMPTS[2], params), PROMPTS[2], params) for _ in "ab"]
+        streams = [decode.generate_from(prefill.submit(PROMPTS[2], params)) for _ in "ab"]
         results: list[list[int]] = [[], []]
         threads = [
             threading.Thread(target=lambda k=k, it=it: results[k].extend(_tokens(it)))
@@ -166,7 +166,7 @@ def test_workers_report_recent_ttft_and_tpot(pairs):
     try:
         assert prefill.stats().ttft_s == 0.0 and decode.stats().tpot_s == 0.0
         start = time.perf_counter()
-        assert len(_tokens(decode.generate_from(prefill.submit(PROMPTS[0], params), PROMPTS[0], params))) == 8
+        assert len(_tokens(decode.generate_from(prefill.submit(PROMPTS[0], params)))) == 8
         elapsed = time.perf_counter() - start
         assert 0 < prefill.stats().ttft_s < elapsed
         assert 0 < decode.stats().tpot_s < elapsed / 4  # 7 decode steps for 8 tokens

@@ -22,7 +22,7 @@ from overfill_serve.engine.output_processor import OutputProcessor, StepOutput
 from overfill_serve.engine.prefill import PrefillEngine
 from overfill_serve.engine.runner import ModelRunner
 from overfill_serve.engine.sampler import SampledToken, Sampler
-from overfill_serve.engine.stage import Prefilled, StageEngine, StepResult
+from overfill_serve.engine.stage import Prefilled, StageContext, StageEngine, StepResult
 from overfill_serve.errors import PreemptedError
 from overfill_serve.kv.block_pool import BlockPool
 from overfill_serve.kv.paged_cache import PagedKVCache
@@ -59,20 +59,11 @@ class EngineCore:
         model_limit = min(m.spec.max_position_embeddings for m, _ in models.values())
         self.max_model_len = config.context_limit(model_limit, num_blocks)
         self.output = OutputProcessor(tokenizer, spec.eos_token_ids, self.max_model_len)
-        sampler = Sampler()
         self.swap = SwapSpace(self.cache, config.num_swap_blocks) if config.num_swap_blocks else None
+        context = StageContext(self.pool, Sampler(), self.output, config)
         runners = {name: ModelRunner(model, self.cache, kept) for name, (model, kept) in models.items()}
-        self.prefill = {
-            name: PrefillEngine(
-                r, self.pool, sampler, self.output, config.max_num_batched_tokens, config.max_num_seqs,
-                on_prefill_layer,
-            )
-            for name, r in runners.items()
-        }  # fmt: skip
-        self.decode = {
-            name: DecodeEngine(r, self.pool, sampler, self.output, config.max_num_seqs, self.swap)
-            for name, r in runners.items()
-        }
+        self.prefill = {name: PrefillEngine(r, context, on_prefill_layer) for name, r in runners.items()}
+        self.decode = {name: DecodeEngine(r, context, self.swap) for name, r in runners.items()}
         self._routes: dict[str, Route] = {}
 
     # -- requests ----------------------------------------------------------------------------------------

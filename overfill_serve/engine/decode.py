@@ -16,11 +16,10 @@ from collections import deque
 import torch
 
 from overfill_serve.engine.batch import Batch, ScheduledSeq
-from overfill_serve.engine.output_processor import OutputProcessor, StepOutput
+from overfill_serve.engine.output_processor import StepOutput
 from overfill_serve.engine.runner import ModelRunner
-from overfill_serve.engine.sampler import SampledToken, Sampler
-from overfill_serve.engine.stage import StageEngine, StepResult, blocks_for
-from overfill_serve.kv.block_pool import BlockPool
+from overfill_serve.engine.sampler import SampledToken
+from overfill_serve.engine.stage import StageContext, StageEngine, StepResult, blocks_for
 from overfill_serve.kv.swap_space import SwapSpace
 from overfill_serve.request import Request, RequestStatus
 
@@ -30,17 +29,8 @@ def _arrival(request: Request) -> float:
 
 
 class DecodeEngine(StageEngine):
-    def __init__(
-        self,
-        runner: ModelRunner,
-        pool: BlockPool,
-        sampler: Sampler,
-        output: OutputProcessor,
-        max_num_seqs: int,
-        swap: SwapSpace | None = None,
-    ) -> None:
-        super().__init__(runner, pool, sampler, output)  # waiting: KV present, not yet admitted
-        self.max_num_seqs = max_num_seqs
+    def __init__(self, runner: ModelRunner, context: StageContext, swap: SwapSpace | None = None) -> None:
+        super().__init__(runner, context)  # waiting: KV present, not yet admitted
         self.swap = swap
         self.swapped: deque[Request] = deque()  # KV in the swap space, oldest first
         self._preempted: list[Request] = []  # this step's requests to re-prefill

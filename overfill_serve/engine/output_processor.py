@@ -56,10 +56,6 @@ class OutputProcessor:
         logprobs = (sampled.logprob,) if sampled.logprob is not None else ()
         return StepOutput(request.request_id, (token,), text, finished, request.finish_reason, logprobs)
 
-    def text(self, request: Request) -> str:
-        detok = self._detok.get(request.request_id)
-        return detok.text if detok is not None else ""
-
     def release(self, request_id: str) -> None:
         self._detok.pop(request_id, None)
 

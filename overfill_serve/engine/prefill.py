@@ -16,28 +16,17 @@ from functools import partial
 import torch
 
 from overfill_serve.engine.batch import Batch, ScheduledSeq
-from overfill_serve.engine.output_processor import OutputProcessor
 from overfill_serve.engine.runner import ModelRunner
-from overfill_serve.engine.sampler import Sampler
-from overfill_serve.engine.stage import Prefilled, StageEngine, StepResult, blocks_for
-from overfill_serve.kv.block_pool import BlockPool
+from overfill_serve.engine.stage import Prefilled, StageContext, StageEngine, StepResult, blocks_for
 from overfill_serve.request import Request, RequestStatus
 
 
 class PrefillEngine(StageEngine):
     def __init__(
-        self,
-        runner: ModelRunner,
-        pool: BlockPool,
-        sampler: Sampler,
-        output: OutputProcessor,
-        max_num_batched_tokens: int,
-        max_num_seqs: int,
-        on_layer: Callable[[Batch, int], None] | None = None,
+        self, runner: ModelRunner, context: StageContext, on_layer: Callable[[Batch, int], None] | None = None
     ) -> None:
-        super().__init__(runner, pool, sampler, output)  # running: blocks allocated, prompt partly computed
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_num_seqs = max_num_seqs
+        super().__init__(runner, context)  # running: blocks allocated, prompt partly computed
+        self.max_num_batched_tokens = context.config.max_num_batched_tokens
         self.on_layer = on_layer  # called after each layer's forward: lets a KV channel stream layer by layer
 
     def add(self, request: Request, front: bool = False) -> None:

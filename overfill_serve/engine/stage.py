@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from overfill_serve.engine.config import EngineConfig
 from overfill_serve.engine.output_processor import OutputProcessor, StepOutput
 from overfill_serve.engine.runner import ModelRunner
 from overfill_serve.engine.sampler import SampledToken, Sampler
@@ -34,12 +35,21 @@ class StepResult:
     preempted: tuple[Request, ...] = ()  # decode: blocks freed; the prompt must be prefilled again
 
 
+@dataclass(frozen=True)
+class StageContext:
+    """What the stage engines of one core share."""
+
+    pool: BlockPool
+    sampler: Sampler
+    output: OutputProcessor
+    config: EngineConfig
+
+
 class StageEngine:
-    def __init__(
-        self, runner: ModelRunner, pool: BlockPool, sampler: Sampler, output: OutputProcessor
-    ) -> None:
-        self.runner, self.pool, self.sampler, self.output = runner, pool, sampler, output
-        self.block_size = runner.cache.block_size
+    def __init__(self, runner: ModelRunner, context: StageContext) -> None:
+        self.runner = runner
+        self.pool, self.sampler, self.output = context.pool, context.sampler, context.output
+        self.block_size, self.max_num_seqs = context.config.block_size, context.config.max_num_seqs
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 

@@ -57,6 +57,9 @@ class RotaryEmbedding:
         return self.cos[positions].to(dtype)[:, None], self.sin[positions].to(dtype)[:, None]
 
 
+Pair = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) or a layer's (K, V) cache
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -73,11 +76,7 @@ class Attention(nn.Module):
         self.split = (q_size, kv_size, kv_size)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
+        self, x: torch.Tensor, cos_sin: Pair, kv_cache: Pair, meta: AttentionMetadata
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = apply_rope(q.view(-1, self.num_heads, self.head_dim), *cos_sin)
@@ -107,11 +106,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(spec)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
+        self, x: torch.Tensor, cos_sin: Pair, kv_cache: Pair, meta: AttentionMetadata
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))

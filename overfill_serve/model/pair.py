@@ -15,7 +15,7 @@ import torch
 from overfill_serve.errors import ModelConfigError, PairMismatchError
 from overfill_serve.model.llama import CausalLM
 from overfill_serve.model.loader import load_model
-from overfill_serve.model.spec import KeptLayers, KVLayout, ModelSpec, resolve_kept_layers
+from overfill_serve.model.spec import SHARED_FIELDS, KeptLayers, KVLayout, ModelSpec, resolve_kept_layers
 from overfill_serve.tokenizer import load_tokenizer
 
 
@@ -28,24 +28,14 @@ class FieldComparison:
 
 
 def compare_pair(
-    teacher: ModelSpec,
-    student: ModelSpec,
-    kept_layers: KeptLayers = None,
-    teacher_dtype: str = "float32",
-    student_dtype: str = "float32",
+    teacher: ModelSpec, student: ModelSpec, kept_layers: KeptLayers = None
 ) -> list[FieldComparison]:
-    """Field-by-field comparison of what the student's attention needs from the teacher's KV. The last row's
-    `student` is the resolved kept-layer map when it is ok."""
-    rows = [
-        FieldComparison(
-            name,
-            getattr(teacher, name),
-            getattr(student, name),
-            getattr(teacher, name) == getattr(student, name),
-        )
-        for name in ("num_kv_heads", "head_dim", "rope", "vocab_size", "eos_token_ids")
-    ]
-    rows.append(FieldComparison("dtype", teacher_dtype, student_dtype, teacher_dtype == student_dtype))
+    """Field-by-field comparison of what the student's attention needs from the teacher's KV (both run in one
+    dtype, so it is not a model's to differ). The last row's `student` is the resolved kept-layer map when ok."""
+    rows = []
+    for name in SHARED_FIELDS:
+        ours, theirs = getattr(teacher, name), getattr(student, name)
+        rows.append(FieldComparison(name, ours, theirs, ours == theirs))
     try:
         kept_layers = kept_layers if kept_layers is not None else student.kept_layers
         kept: Any = resolve_kept_layers(kept_layers, teacher.num_layers, student.num_layers)
@@ -60,7 +50,7 @@ def check_pair(
     teacher: ModelSpec, student: ModelSpec, kept_layers: KeptLayers, dtype: str, block_size: int
 ) -> KVLayout:
     """The pair's KV layout, or a `PairMismatchError` listing every mismatching field."""
-    rows = compare_pair(teacher, student, kept_layers, dtype, dtype)
+    rows = compare_pair(teacher, student, kept_layers)
     bad = [f"{r.name}: teacher {r.teacher!r} vs student {r.student!r}" for r in rows if not r.ok]
     if bad:
         raise PairMismatchError(bad)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from overfill_serve.errors import ModelConfigError, WeightLoadError
 from overfill_serve.model.random_model import reference_text
-from overfill_serve.model.spec import KEPT_LAYERS_KEY, ModelSpec, resolve_kept_layers
+from overfill_serve.model.spec import KEPT_LAYERS_KEY, KeptLayers, ModelSpec, resolve_kept_layers
 
 # Files a serving engine needs next to the weights; copied verbatim when present.
 TOKENIZER_FILES = (
@@ -70,7 +70,7 @@ def prune_model(
     hidden_size: int | None = None,
     intermediate_size: int | None = None,
     num_layers: int | None = None,
-    kept_layers: str | list[int] | None = None,
+    kept_layers: KeptLayers = None,
     calibration_texts: list[str] | None = None,
     max_calibration_tokens: int = 2048,
     dtype: str | None = None,
@@ -87,41 +87,27 @@ def prune_model(
     src, out = Path(src_dir), Path(out_dir)
     if out.resolve() == src.resolve():
         raise ModelConfigError(f"out_dir {out} is the teacher's directory; pick another")
-    spec = ModelSpec.from_dir(src)
-    config = json.loads((src / "config.json").read_text())
+    spec, config = ModelSpec.from_dir(src), json.loads((src / "config.json").read_text())
     h_new = _check_size("hidden_size", hidden_size, spec.hidden_size)
     i_new = _check_size("intermediate_size", intermediate_size, spec.intermediate_size)
     kept = _resolve_depth(num_layers, kept_layers, spec.num_layers)
     if dtype is not None and dtype not in _DTYPES:
         raise ModelConfigError(f"dtype={dtype!r} is not supported (use one of {sorted(_DTYPES)})")
 
-    hidden_idx: torch.Tensor | None = None
-    neuron_idx: dict[int, torch.Tensor] = {}
-    n_tokens = 0
+    hidden_idx, neuron_idx, n_tokens = None, {}, 0
     if h_new < spec.hidden_size or i_new < spec.intermediate_size:
         if max_calibration_tokens <= 0:
             raise ModelConfigError(f"max_calibration_tokens={max_calibration_tokens} must be > 0")
         hidden_imp, neuron_imp, n_tokens = _importance(src, kept, calibration_texts, max_calibration_tokens)
         hidden_idx = _top_k(hidden_imp, h_new)
         neuron_idx = {layer: _top_k(imp, i_new) for layer, imp in neuron_imp.items()}
-
     teacher = _read_tensors(src)
     student = _slice_tensors(teacher, kept, hidden_idx, neuron_idx, _DTYPES.get(dtype or ""))
 
     # A source that is itself a depth-pruned student maps onto its own teacher's layers: compose the maps.
     src_map = spec.kept_layers
     written = tuple(src_map[k] for k in kept) if src_map is not None else kept
-    student_config = _student_config(config, spec, h_new, i_new, kept, written, dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
-        stale.unlink(missing_ok=True)  # a leftover index would shadow the new weights
-    save_file(
-        {k: v.contiguous() for k, v in student.items()}, str(out / "model.safetensors"), {"format": "pt"}
-    )
-    (out / "config.json").write_text(json.dumps(student_config, indent=2, sort_keys=True) + "\n")
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, out / name)
+    _write_student(src, out, student, _student_config(config, spec, h_new, i_new, kept, written, dtype))
     return PruneReport(
         src_dir=src,
         out_dir=out,
@@ -138,6 +124,20 @@ def prune_model(
     )
 
 
+def _write_student(src: Path, out: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """Weights, config and the teacher's tokenizer files, in HF layout."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)  # a leftover index would shadow the new weights
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"), {"format": "pt"}
+    )
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+
+
 def _check_size(name: str, value: int | None, teacher: int) -> int:
     if value is None:
         return teacher
@@ -148,9 +148,7 @@ def _check_size(name: str, value: int | None, teacher: int) -> int:
     return value
 
 
-def _resolve_depth(
-    num_layers: int | None, kept_layers: str | list[int] | None, teacher: int
-) -> tuple[int, ...]:
+def _resolve_depth(num_layers: int | None, kept_layers: KeptLayers, teacher: int) -> tuple[int, ...]:
     if num_layers is None:
         num_layers = len(kept_layers) if isinstance(kept_layers, (list, tuple)) else teacher
     num_layers = _check_size("num_layers", num_layers, teacher)

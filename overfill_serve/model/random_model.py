@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,83 +89,95 @@ def make_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 512) -> 
     return tok
 
 
-def make_random_model(
-    out_dir: str | Path,
-    *,
-    model_type: str = "llama",
-    hidden_size: int = 64,
-    intermediate_size: int = 128,
-    num_layers: int = 4,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    head_dim: int | None = None,
-    vocab_size: int | None = None,
-    tokenizer_vocab_size: int = 512,
-    tie_word_embeddings: bool = True,
-    rope_theta: float = 10000.0,
-    rope_scaling: dict[str, Any] | None = None,
-    attention_bias: bool = False,
-    max_position_embeddings: int = 2048,
-    rms_norm_eps: float = 1e-6,
-    eos_token_id: int | list[int] = ENDOFTEXT_ID,
-    init_std: float = 0.2,
-    seed: int = 0,
-    dtype: str = "float32",
-    shard: bool = False,
-) -> Path:
-    """Build a random-weight model with transformers and save it (weights, config, tokenizer) to out_dir.
+@dataclass(frozen=True)
+class RandomModel:
+    """What `make_random_model` builds: a tiny model of a real architecture (Llama or Qwen2).
 
-    Weights are re-drawn from a seeded generator with `init_std` (default 0.2): with transformers' 0.02
-    a tiny model's logits are nearly uniform and greedy decoding hits near-ties that make exact comparisons
-    between implementations flaky. Norm weights are drawn around 1 and biases are non-zero so that a
-    forward pass that ignores either is caught. `attention_bias` applies to Llama only (Qwen2 always has
-    q/k/v biases). vocab_size defaults to the tokenizer's size; a larger one pads the embedding as real
+    Weights are re-drawn from a seeded generator with `init_std` (default 0.2): with transformers' 0.02 a
+    tiny model's logits are nearly uniform and greedy decoding hits near-ties that make exact comparisons
+    between implementations flaky. Norm weights are drawn around 1 and biases are non-zero so that a forward
+    pass that ignores either is caught. `attention_bias` applies to Llama only (Qwen2 always has q/k/v
+    biases). vocab_size defaults to the tokenizer's size; a larger one pads the embedding as real
     checkpoints do. `shard=True` writes several safetensors files plus model.safetensors.index.json.
     """
-    if model_type not in ("llama", "qwen2"):
-        raise ModelConfigError(f"model_type={model_type!r} is not supported (use 'llama' or 'qwen2')")
-    if dtype not in _DTYPES:
-        raise ModelConfigError(f"dtype={dtype!r} is not supported (use one of {sorted(_DTYPES)})")
+
+    model_type: str = "llama"
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int | None = None
+    vocab_size: int | None = None
+    tokenizer_vocab_size: int = 512
+    tie_word_embeddings: bool = True
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    attention_bias: bool = False
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    eos_token_id: int | list[int] = ENDOFTEXT_ID
+    init_std: float = 0.2
+    seed: int = 0
+    dtype: str = "float32"
+    shard: bool = False
+
+    def __post_init__(self) -> None:
+        if self.model_type not in ("llama", "qwen2"):
+            raise ModelConfigError(
+                f"model_type={self.model_type!r} is not supported (use 'llama' or 'qwen2')"
+            )
+        if self.dtype not in _DTYPES:
+            raise ModelConfigError(f"dtype={self.dtype!r} is not supported (use one of {sorted(_DTYPES)})")
+
+    def build(self, vocab_size: int) -> PreTrainedModel:
+        """The transformers model, its weights drawn as the class docstring says."""
+        rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": float(self.rope_theta)}
+        config: dict[str, Any] = dict(
+            vocab_size=vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim or self.hidden_size // self.num_heads,
+            max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_parameters=rope,
+            tie_word_embeddings=self.tie_word_embeddings,
+            bos_token_id=ENDOFTEXT_ID,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=ENDOFTEXT_ID,
+            initializer_range=self.init_std,
+        )
+        if self.model_type == "llama":
+            model: PreTrainedModel = LlamaForCausalLM(
+                LlamaConfig(attention_bias=self.attention_bias, **config)
+            )
+        else:
+            model = Qwen2ForCausalLM(Qwen2Config(**config))
+        _reinit(model, self.init_std, self.seed)
+        model.to(_DTYPES[self.dtype])  # type: ignore[arg-type]  # transformers mistypes its wrapped .to
+        model.generation_config = GenerationConfig(
+            bos_token_id=ENDOFTEXT_ID, eos_token_id=self.eos_token_id, pad_token_id=ENDOFTEXT_ID
+        )
+        return model
+
+
+def make_random_model(out_dir: str | Path, **settings: Any) -> Path:
+    """Build a random-weight model with transformers and save it (weights, config, tokenizer) to out_dir.
+    `settings`: `RandomModel` fields."""
+    spec = RandomModel(**settings)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(out, tokenizer_vocab_size)
-    vocab = len(tok) if vocab_size is None else vocab_size
+    tok = make_tokenizer(out, spec.tokenizer_vocab_size)
+    vocab = len(tok) if spec.vocab_size is None else spec.vocab_size
     if vocab < len(tok):
         raise ModelConfigError(f"vocab_size={vocab} is smaller than the tokenizer's {len(tok)} tokens")
-    head_dim = head_dim or hidden_size // num_heads
-    rope: dict[str, Any] = {"rope_type": "default", **(rope_scaling or {}), "rope_theta": float(rope_theta)}
-    common: dict[str, Any] = dict(
-        vocab_size=vocab,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=max_position_embeddings,
-        rms_norm_eps=rms_norm_eps,
-        rope_parameters=rope,
-        tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=ENDOFTEXT_ID,
-        eos_token_id=eos_token_id,
-        pad_token_id=ENDOFTEXT_ID,
-        initializer_range=init_std,
-    )
-    if model_type == "llama":
-        model: PreTrainedModel = LlamaForCausalLM(LlamaConfig(attention_bias=attention_bias, **common))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
-    _reinit(model, init_std, seed)
-    model.to(_DTYPES[dtype])  # type: ignore[arg-type]  # transformers mistypes its wrapped .to
-    model.generation_config = GenerationConfig(
-        bos_token_id=ENDOFTEXT_ID, eos_token_id=eos_token_id, pad_token_id=ENDOFTEXT_ID
-    )
-    max_shard: int | str = "50GB"
-    if shard:
-        # About three shards, whatever the model size.
-        total = sum(p.numel() * p.element_size() for p in model.parameters())
-        max_shard = max(total // 3, 1)
-    model.save_pretrained(str(out), max_shard_size=max_shard)
+    model = spec.build(vocab)
+    # Sharded: about three files, whatever the model size.
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(str(out), max_shard_size=max(total // 3, 1) if spec.shard else "50GB")
     return out
 
 

@@ -20,6 +20,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 # Key in the student's config.json naming the teacher layers whose KV its layers attend to.
 KEPT_LAYERS_KEY = "overfill_kept_layers"
 KEPT_LAYER_STRATEGIES = ("firstlast", "first", "last")
+# What a student's attention shares with its teacher's (ModelSpec fields, in KVLayout too).
+SHARED_FIELDS = ("num_kv_heads", "head_dim", "rope", "vocab_size", "eos_token_ids")
 # A kept-layer map as users give it: a strategy name, explicit teacher layer ids, or None (all layers).
 KeptLayers = str | Sequence[int] | None
 
@@ -214,17 +216,9 @@ class KVLayout:
     @classmethod
     def of_teacher(cls, teacher: ModelSpec, dtype: str, block_size: int) -> KVLayout:
         """The layout a teacher's prefill produces: every one of its layers."""
-        return cls(
-            num_teacher_layers=teacher.num_layers,
-            kept_layers=tuple(range(teacher.num_layers)),
-            num_kv_heads=teacher.num_kv_heads,
-            head_dim=teacher.head_dim,
-            rope=teacher.rope,
-            vocab_size=teacher.vocab_size,
-            eos_token_ids=teacher.eos_token_ids,
-            dtype=dtype,
-            block_size=block_size,
-        )
+        shared = {name: getattr(teacher, name) for name in SHARED_FIELDS}
+        layers = tuple(range(teacher.num_layers))
+        return cls(teacher.num_layers, layers, dtype=dtype, block_size=block_size, **shared)
 
     @classmethod
     def of_student(
@@ -254,18 +248,15 @@ class KVLayout:
         """Where the student keeps a teacher layer's KV (its own layer index); None if it does not keep it."""
         return self._local.get(teacher_layer)
 
-    def diff(self, other: KVLayout, ignore: tuple[str, ...] = ()) -> list[str]:
-        """One line per differing field (except `ignore`d ones), empty when the layouts match."""
-        return [
-            f"{f.name}: {getattr(self, f.name)!r} != {getattr(other, f.name)!r}"
-            for f in fields(self)
-            if f.name not in ignore and getattr(self, f.name) != getattr(other, f.name)
-        ]
-
     def mismatches(self, student: KVLayout) -> list[str]:
         """Why a student expecting `student` cannot decode on the KV this teacher layout produces: every
         differing field, and a kept-layer map that does not fit this teacher's layers."""
-        problems = self.diff(student, ignore=("kept_layers", "num_teacher_layers"))
+        problems = [
+            f"{f.name}: {getattr(self, f.name)!r} != {getattr(student, f.name)!r}"
+            for f in fields(self)
+            if f.name not in ("kept_layers", "num_teacher_layers")
+            and getattr(self, f.name) != getattr(student, f.name)
+        ]
         try:
             resolve_kept_layers(student.kept_layers, self.num_teacher_layers, len(student.kept_layers))
         except ModelConfigError as e:

@@ -23,6 +23,8 @@ from overfill_serve.errors import ModelConfigError
 from overfill_serve.worker.worker_stats import WorkerStats
 
 ROLES = ("prefill", "decode")
+DEFAULT_TARGETS = {"queued_prompt_tokens": 4096.0, "kv_utilization": 0.7, "requests": 32.0}  # per replica
+LATENCY_TARGETS = ("ttft_s", "tpot_s")  # optional, in seconds
 
 
 def autoscaling_signals(stats: WorkerStats) -> dict[str, float]:
@@ -64,26 +66,14 @@ class RoleAutoscaler:
     `requests`: requests a decode replica holds (running, waiting or swapped out). `ttft_s` (prefill) and
     `tpot_s` (decode) are optional latency targets in seconds."""
 
-    def __init__(
-        self,
-        role: str,
-        queued_prompt_tokens: float = 4096,
-        kv_utilization: float = 0.7,
-        requests: float = 32,
-        ttft_s: float | None = None,
-        tpot_s: float | None = None,
-        downscale_delay_s: float = 30.0,
-    ) -> None:
+    def __init__(self, role: str, downscale_delay_s: float = 30.0, **targets: float) -> None:
         if role not in ROLES:
             raise ModelConfigError(f"autoscaling role {role!r} is not one of {ROLES}")
+        unknown = sorted(set(targets) - set(DEFAULT_TARGETS) - set(LATENCY_TARGETS))
+        if unknown:
+            raise ModelConfigError(f"unknown autoscaling targets {unknown}")
         self.role = role
-        self.targets = {
-            "queued_prompt_tokens": queued_prompt_tokens,
-            "kv_utilization": kv_utilization,
-            "requests": requests,
-            **({"ttft_s": ttft_s} if ttft_s is not None else {}),
-            **({"tpot_s": tpot_s} if tpot_s is not None else {}),
-        }
+        self.targets = {**DEFAULT_TARGETS, **targets}
         if min(self.targets.values()) <= 0:
             raise ModelConfigError(f"autoscaling targets must be positive, got {self.targets}")
         self.downscale_delay_s = downscale_delay_s

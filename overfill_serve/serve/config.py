@@ -63,15 +63,9 @@ class ServeConfig:
         engines = {
             role: _engine_config(role, {**pools[role], **(args.pop(role, None) or {})}) for role in ROLES
         }
-        mismatched = [
-            k
-            for k in ("dtype", "block_size")
-            if getattr(engines["prefill"], k) != getattr(engines["decode"], k)
-        ]
-        if mismatched:
-            raise ModelConfigError(
-                f"the KV moves between the pools: their {' and '.join(mismatched)} must match"
-            )
+        for key in ("dtype", "block_size"):  # the KV moves between the pools as it is
+            if getattr(engines["prefill"], key) != getattr(engines["decode"], key):
+                raise ModelConfigError(f"the prefill and decode pools' {key} must match")
         transfer = dict(args.pop("transfer", None) or {})
         # Replicas of one application share the KV-channel secret; without one, make it per application.
         transfer.setdefault("secret", os.environ.get(SECRET_ENV) or secrets.token_hex(32))

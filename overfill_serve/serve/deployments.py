@@ -47,7 +47,7 @@ class _ModelServer:
         stats = self.worker.stats()
         self.metrics.observe(stats)
         return {
-            **stats.to_dict(),
+            **asdict(stats),
             "node_id": ray.get_runtime_context().get_node_id(),
             "replica_id": serve.get_replica_context().replica_id.unique_id,
         }
@@ -131,12 +131,6 @@ class DecodeServer(_ModelServer):
         self.worker.on_transfer = self.metrics.observe_transfer
         log.info("decode replica ready: %s", student_dir)
 
-    async def generate_from(
-        self,
-        ticket: TransferTicket,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        generated_token_ids: list[int] | None = None,
-    ) -> AsyncIterator[StepOutput]:
-        async for out in self.worker.agenerate_from(ticket, prompt_token_ids, params, generated_token_ids):
+    async def generate_from(self, ticket: TransferTicket) -> AsyncIterator[StepOutput]:
+        async for out in self.worker.agenerate_from(ticket):
             yield out

@@ -11,8 +11,9 @@ error, never a hang.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -21,7 +22,7 @@ from overfill_serve.engine.output_processor import StepOutput
 from overfill_serve.errors import PeerUnavailableError, PreemptedError, ServiceUnavailableError
 from overfill_serve.request import Mode
 from overfill_serve.sampling_params import SamplingParams
-from overfill_serve.worker.prefill_worker import TransferTicket
+from overfill_serve.transfer.control import TransferControl
 
 log = logging.getLogger(__name__)
 REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
@@ -29,17 +30,12 @@ REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
 
 class Dispatcher:
     def __init__(
-        self,
-        prefill: Any,
-        decode: Any,
-        abort_transfer: Callable[[TransferTicket], Awaitable[None]],
-        max_migrations: int = 2,
+        self, prefill: Any, decode: Any, transfers: TransferControl, max_migrations: int = 2
     ) -> None:
-        """`prefill` / `decode`: Serve deployment handles of PrefillServer / DecodeServer. `abort_transfer`
-        tells the prefill replica that holds a ticket's KV to free it (it talks to that replica's KV server:
-        a handle call could land on another replica)."""
+        """`prefill` / `decode`: Serve deployment handles of PrefillServer / DecodeServer. `transfers` reaches
+        the KV server of the prefill replica holding a ticket's KV (a handle call could land on another)."""
         self.prefill, self.decode = prefill, decode
-        self.abort_transfer = abort_transfer
+        self.transfers = transfers
         self.max_migrations = max_migrations
 
     async def generate(
@@ -67,9 +63,7 @@ class Dispatcher:
             ticket = await self._submit(prompt, params, request_id, generated)
             done = False
             try:
-                stream = self.decode.options(stream=True).generate_from.remote(
-                    ticket, prompt, params, list(generated) or None
-                )
+                stream = self.decode.options(stream=True).generate_from.remote(ticket)
                 async for out in stream:
                     generated += out.token_ids
                     yield out
@@ -83,7 +77,8 @@ class Dispatcher:
                 why = str(e)
             finally:
                 if not done:  # whatever happened, the prefill side need not hold this KV any longer
-                    await self.abort_transfer(ticket)
+                    reason = "the request ended before its KV was used"
+                    await asyncio.to_thread(self.transfers.abort, ticket.address, ticket.transfer_id, reason)
             log.warning("request %s: %s; migrating (attempt %d)", request_id, why, attempt + 1)
         raise ServiceUnavailableError(
             f"request {request_id} failed after {self.max_migrations} migrations: {why}"

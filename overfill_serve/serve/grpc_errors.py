@@ -1,5 +1,5 @@
-"""gRPC status codes of the public API's errors: every exception a handler can raise, mapped once; no Ray
-import (Ray's own errors are recognised by class name). `errors.ModelNotFoundError` is an
+"""gRPC status codes of the public API's errors: every exception a handler can raise, mapped once (Ray's own
+through `ray_errors`). `errors.ModelNotFoundError` is an
 `InvalidRequestError` (field "model") that maps to NOT_FOUND here, as to 404 `model_not_found` over HTTP."""
 
 from __future__ import annotations
@@ -19,25 +19,21 @@ from overfill_serve.errors import (
     TransferError,
     UnauthenticatedError,
 )
-
-
-def _ray_error(exc: BaseException, *names: str) -> bool:
-    return any(c.__module__.startswith("ray.") and c.__name__ in names for c in type(exc).__mro__)
+from overfill_serve.serve.ray_errors import ray_kind, unwrap
 
 
 def status_for(exc: BaseException, *, request_id: str | None = None) -> tuple[grpc.StatusCode, str]:
     """The gRPC status and client-facing details for an exception. Unexpected errors give INTERNAL with no
     internals in the details (log the exception yourself)."""
-    cause = getattr(exc, "cause", None)
-    if _ray_error(exc, "RayTaskError") and isinstance(cause, BaseException):
-        exc = cause  # a downstream deployment's exception: its str() is a whole traceback
+    exc = unwrap(exc)
+    kind = ray_kind(exc)
     if isinstance(exc, ModelNotFoundError):
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, InvalidRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, f"{exc} (field: {exc.field})" if exc.field else str(exc)
     if isinstance(exc, UnauthenticatedError):
         return grpc.StatusCode.UNAUTHENTICATED, str(exc)
-    if isinstance(exc, OverloadedError) or _ray_error(exc, "BackPressureError"):
+    if isinstance(exc, OverloadedError) or kind == "overloaded":
         retry = getattr(exc, "retry_after_s", None)
         hint = f"retry in {retry:g} s" if retry else "retry with backoff"
         what = str(exc) if isinstance(exc, OverloadedError) else "the server is overloaded"
@@ -55,11 +51,11 @@ def status_for(exc: BaseException, *, request_id: str | None = None) -> tuple[gr
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, ServiceUnavailableError):
         return grpc.StatusCode.UNAVAILABLE, "no replica could finish the request; retry"
-    if _ray_error(exc, "DeploymentUnavailableError", "RayActorError", "ActorUnavailableError"):
+    if kind == "unavailable":
         return grpc.StatusCode.UNAVAILABLE, "no replica is available; retry"
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "the request timed out"
-    if isinstance(exc, asyncio.CancelledError) or _ray_error(exc, "RequestCancelledError"):
+    if isinstance(exc, asyncio.CancelledError) or kind == "cancelled":
         return grpc.StatusCode.CANCELLED, "the request was cancelled"
     suffix = f" (request {request_id})" if request_id else ""
     return grpc.StatusCode.INTERNAL, f"internal error{suffix}"

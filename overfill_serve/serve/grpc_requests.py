@@ -100,19 +100,3 @@ def params_from_proto(options: pb.SamplingOptions | None) -> SamplingParams:
         include_stop_str_in_output=options.include_stop_str_in_output,
         **kwargs,
     )
-
-
-def params_to_proto(params: SamplingParams) -> pb.SamplingOptions:
-    """The exact inverse of `params_from_proto` (every field set; seed / logprobs only when not None)."""
-    options = pb.SamplingOptions(
-        stop=list(params.stop),
-        stop_token_ids=list(params.stop_token_ids),
-        ignore_eos=params.ignore_eos,
-        include_stop_str_in_output=params.include_stop_str_in_output,
-        skip_special_tokens=params.skip_special_tokens,
-    )
-    for name in (*_OPTIONAL_INTS, *_OPTIONAL_FLOATS):
-        value = getattr(params, name)
-        if value is not None:
-            setattr(options, name, value)
-    return options

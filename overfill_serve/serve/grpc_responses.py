@@ -22,7 +22,6 @@ FINISH_TO_PROTO = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.ABORT: pb.FINISH_REASON_ABORT,
 }
-FINISH_FROM_PROTO = {v: k for k, v in FINISH_TO_PROTO.items()}
 
 
 def served_by_to_proto(served_by: ServedBy) -> pb.ServedBy:
@@ -166,15 +165,12 @@ class GenerationAccumulator:
 
 
 def models_to_proto(pair_name: str, teacher: str, student: str) -> pb.ListModelsResponse:
-    models = []
-    for model_id, mode in model_ids(pair_name):
-        sb = ServedBy.of(mode, teacher, student)
-        models.append(
+    served = [(model_id, ServedBy.of(mode, teacher, student)) for model_id, mode in model_ids(pair_name)]
+    return pb.ListModelsResponse(
+        models=[
             pb.Model(
-                id=model_id,
-                mode=MODE_TO_PROTO[mode],
-                prefill_model=sb.prefill_model,
-                decode_model=sb.decode_model,
+                id=i, mode=MODE_TO_PROTO[s.mode], prefill_model=s.prefill_model, decode_model=s.decode_model
             )
-        )
-    return pb.ListModelsResponse(models=models)
+            for i, s in served
+        ]
+    )

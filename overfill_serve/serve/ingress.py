@@ -9,7 +9,8 @@ KV) and the prefill replica's transfer is aborted through its KV server.
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -39,7 +40,6 @@ from overfill_serve.serve.openai_responses import make_responder, merge_choices,
 from overfill_serve.serve.pool_monitor import PoolMonitor
 from overfill_serve.serve.served_by import ServedBy
 from overfill_serve.transfer.control import TransferControl
-from overfill_serve.worker.prefill_worker import TransferTicket
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="overfill-serve", docs_url=None, redoc_url=None)
@@ -62,7 +62,7 @@ class Ingress:
         self.teacher_name, self.student_name = teacher_dir.name, student_dir.name
         self.prompts = PromptEncoder.for_pair(teacher_dir, student_dir, config.prefill, config.decode)
         self.transfers = TransferControl(config.transfer_config(host=""))
-        self.dispatcher = Dispatcher(prefill, decode, self._abort_transfer, config.max_migrations)
+        self.dispatcher = Dispatcher(prefill, decode, self.transfers, config.max_migrations)
         self.metrics = RequestMetrics(config.pair_name)
         self.created = int(time.time())
         self._inflight = 0
@@ -140,33 +140,33 @@ class Ingress:
 
     # -- gRPC API (Serve's gRPC proxy calls these by RPC name) -----------------------------------------------
     async def Generate(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 (RPC name)
-        acc = None
         try:
-            acc, prompt, params, mode = self._grpc_request(request, grpc_context)
-            self._admit()
-            try:
-                async for out in self._generate(prompt, params, mode, acc.request_id):
-                    acc.add(out)
-            finally:
-                self._inflight -= 1
-            return acc.response()
-        except Exception as e:
-            self._grpc_error(grpc_context, e, acc)
+            async with aclosing(self._grpc_outputs(request, grpc_context)) as outputs:
+                accumulators = [acc async for acc, _ in outputs]  # one accumulator, once per chunk
+            return accumulators[-1].response()
+        except Exception:  # the call's status says what went wrong
             return grpc_requests.pb.GenerateResponse()
 
     async def GenerateStream(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:  # noqa: N802
+        async with aclosing(self._grpc_outputs(request, grpc_context)) as outputs:
+            async for _, chunk in outputs:
+                yield chunk
+
+    async def _grpc_outputs(self, request: Any, grpc_context: Any) -> AsyncGenerator[tuple[Any, Any], None]:
+        """One call's accumulator with each response chunk. An error sets the call's status and is raised: a
+        stream that ends without raising reports OK to the client, whatever code was set."""
         acc = None
         try:
             acc, prompt, params, mode = self._grpc_request(request, grpc_context)
             self._admit()
             try:
                 async for out in self._generate(prompt, params, mode, acc.request_id):
-                    yield acc.add(out)
+                    yield acc, acc.add(out)
             finally:
                 self._inflight -= 1
         except Exception as e:
             self._grpc_error(grpc_context, e, acc)
-            raise  # a stream that ends without raising reports OK to the client, whatever code was set
+            raise
 
     async def ListModels(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         try:
@@ -220,9 +220,3 @@ class Ingress:
             raise
         finally:
             self.metrics.observe(mode.value, len(prompt), n, first, time.perf_counter() - start, reason)
-
-    async def _abort_transfer(self, ticket: TransferTicket) -> None:
-        """Tell the prefill replica holding a ticket's KV to free it, through that replica's KV server (a
-        handle call could land on another replica)."""
-        reason = "the request ended before its KV was used"
-        await asyncio.to_thread(self.transfers.abort, ticket.address, ticket.transfer_id, reason)

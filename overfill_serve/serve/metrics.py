@@ -35,15 +35,7 @@ class ReplicaMetrics:
             boundaries=LATENCY_BOUNDS,
             tag_keys=("role", "backend"),
         )
-        for metric in (
-            self.blocks_used,
-            self.blocks_free,
-            self.waiting,
-            self.running,
-            self.swapped,
-            self.transfer_bytes,
-            self.transfer_seconds,
-        ):
+        for metric in vars(self).values():
             metric.set_default_tags({"role": role})
 
     def observe(self, stats: WorkerStats) -> None:
@@ -83,14 +75,7 @@ class RequestMetrics:
         self.requests = metrics.Counter(
             "overfill_requests", "finished requests", tag_keys=(*tags, "finish_reason")
         )
-        for metric in (
-            self.ttft,
-            self.tpot,
-            self.e2e,
-            self.prompt_tokens,
-            self.generation_tokens,
-            self.requests,
-        ):
+        for metric in vars(self).values():
             metric.set_default_tags({"pair": pair_name})
 
     def observe(

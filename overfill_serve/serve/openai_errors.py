@@ -1,6 +1,6 @@
 """OpenAI-compatible errors: `ApiError` (status, OpenAI error body, headers) and the mapping of every exception
 to one (`from_exception`), pydantic's validation errors included. Pure protocol code (no Ray, no HTTP
-framework); Ray's own errors are recognised by class name.
+framework); Ray's own errors are classified by `ray_errors`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from overfill_serve.errors import (
     UnauthenticatedError,
     WeightLoadError,
 )
+from overfill_serve.serve.ray_errors import ray_kind, unwrap
 
 
 class ApiError(Exception):
@@ -68,24 +69,12 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-# Ray is not imported here; its errors are recognised by class name (any class in the MRO).
-_RAY_OVERLOADED = {"BackPressureError"}
-_RAY_UNAVAILABLE = {
-    "RayActorError",
-    "ActorUnavailableError",
-    "DeploymentUnavailableError",
-    "ReplicaUnavailableError",
-}
-
-
 def from_exception(e: BaseException) -> ApiError:
     """The API error for any exception; unknown ones become a 500 that does not leak internals."""
+    e = unwrap(e)
     if isinstance(e, ApiError):
         return e
-    cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError wraps the deployment's own exception
-    if isinstance(cause, BaseException) and cause is not e:
-        return from_exception(cause)
-    names = {c.__name__ for c in type(e).__mro__}
+    names, kind = {c.__name__ for c in type(e).__mro__}, ray_kind(e)
     if isinstance(e, ModelNotFoundError):
         return ApiError(
             404, "not_found_error", f"The model '{e.model}' does not exist", "model", "model_not_found"
@@ -107,9 +96,9 @@ def from_exception(e: BaseException) -> ApiError:
         return from_validation_errors(e.errors())  # type: ignore[attr-defined]
     if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)):
         return ApiError.invalid("The request body is not valid JSON")
-    if isinstance(e, (OutOfBlocksError, PreemptedError)) or names & _RAY_OVERLOADED:
+    if isinstance(e, (OutOfBlocksError, PreemptedError)) or kind == "overloaded":
         return ApiError.unavailable("The server is overloaded; retry shortly", code="overloaded")
-    if isinstance(e, TransferError) or names & _RAY_UNAVAILABLE:
+    if isinstance(e, TransferError) or kind == "unavailable":
         # Includes errors.AuthenticationError: a KV peer failed the cluster handshake, not the client.
         return ApiError.unavailable(
             "A serving worker is unavailable; retry shortly", code="service_unavailable"

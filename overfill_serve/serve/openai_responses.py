@@ -321,20 +321,8 @@ async def merge_choices(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def make_responder(
-    request: AnyRequest,
-    served_by: ServedBy,
-    tokenizer: Any,
-    *,
-    prompt_tokens: int,
-    request_id: str | None = None,
-    created: int | None = None,
-) -> CompletionResponder | ChatResponder:
-    """The responder for the request's endpoint."""
+def make_responder(request: AnyRequest, *args: Any, **kwargs: Any) -> CompletionResponder | ChatResponder:
+    """The responder for the request's endpoint; the other arguments are the responders' own."""
     if isinstance(request, CompletionRequest):
-        return CompletionResponder(
-            request, served_by, tokenizer, prompt_tokens=prompt_tokens, request_id=request_id, created=created
-        )
-    return ChatResponder(
-        request, served_by, tokenizer, prompt_tokens=prompt_tokens, request_id=request_id, created=created
-    )
+        return CompletionResponder(request, *args, **kwargs)
+    return ChatResponder(request, *args, **kwargs)

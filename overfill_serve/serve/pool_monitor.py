@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 DEPLOYMENTS = {"prefill": "PrefillServer", "decode": "DecodeServer"}
 READ_TIMEOUT_S = 10.0  # a busy controller must not stall the monitor forever
-ROLES_OF_MODE = {Mode.OVERFILL: ("prefill", "decode"), Mode.FULL: ("prefill",), Mode.PRUNED: ("decode",)}
+POOL_OF_MODEL = {"teacher": "prefill", "student": "decode"}  # where each model is served
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class PoolMonitor:
     def check(self, mode: Mode) -> None:
         """Raise `PoolUnavailableError` if a pool this mode needs cannot serve."""
         pools = self.pools
-        for role in ROLES_OF_MODE[mode]:
+        for role in dict.fromkeys(POOL_OF_MODEL[m] for m in mode.models):
             status = pools.get(role)
             why = status.unavailable if status is not None else None
             if why is not None:

@@ -17,9 +17,8 @@ class ServedBy:
     @classmethod
     def of(cls, mode: Mode, teacher: str, student: str) -> ServedBy:
         """Which of the pair's models (the full teacher, the pruned student) runs each stage in `mode`."""
-        prefill = student if mode is Mode.PRUNED else teacher
-        decode = teacher if mode is Mode.FULL else student
-        return cls(mode, prefill, decode)
+        names = {"teacher": teacher, "student": student}
+        return cls(mode, *(names[m] for m in mode.models))
 
     def to_json(self) -> dict[str, str]:
         """The OpenAI responses' `overfill` extension field."""

@@ -17,7 +17,6 @@ def _add_pair_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kept-layers", help="depth-pruned student: firstlast | first | last | comma-separated ids"
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
 def _kept(value: str | None) -> str | list[int] | None:
@@ -29,13 +28,8 @@ def _kept(value: str | None) -> str | list[int] | None:
 def _generate(args: argparse.Namespace) -> None:
     from overfill_serve import LLM, SamplingParams
 
-    llm = LLM(
-        args.prefill_model,
-        args.decode_model,
-        dtype=args.dtype,
-        device=args.device,
-        kept_layers=_kept(args.kept_layers),
-    )
+    kept = _kept(args.kept_layers)
+    llm = LLM(args.prefill_model, args.decode_model, kept_layers=kept, dtype=args.dtype, device=args.device)
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -66,7 +60,7 @@ def _check_pair(args: argparse.Namespace) -> None:
     prefill = args.prefill_model or default_model_dir()
     teacher = ModelSpec.from_dir(prefill)
     student = ModelSpec.from_dir(args.decode_model or prefill)
-    rows = compare_pair(teacher, student, _kept(args.kept_layers), args.dtype, args.dtype)
+    rows = compare_pair(teacher, student, _kept(args.kept_layers))
     width = max(len(r.name) for r in rows)
     print(f"{'field':<{width}}  {'ok':<3} teacher | student")
     for r in rows:
@@ -112,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text with a model pair")
     _add_pair_args(gen)
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)

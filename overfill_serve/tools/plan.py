@@ -216,27 +216,48 @@ def plan(
 ) -> list[PlanRow]:
     """Replicas, latencies and cost of the three deployments, in `DEPLOYMENTS` order."""
     a = assumptions or Assumptions()
-    t, lam, prompt, out = targets, workload.rate_rps, workload.prompt_tokens, workload.output_tokens
-    context = prompt + out / 2  # mean context over a request's decode steps
-    decode_tokens_per_s = lam * (out - 1)  # token 1 comes from the teacher's prefill
-
+    prompt = workload.prompt_tokens
     big_bw, big_flops = prefill_gpu.mem_bw_gbps * 1e9 * a.mbu, prefill_gpu.bf16_tflops * 1e12 * a.mfu
     prefill_s = max(
         prefill_flops(teacher, prompt) / big_flops, streamed_parameters(teacher) * a.dtype_bytes / big_bw
     )
-    prefill_unmet = []
+    unmet = []
     held = teacher.num_parameters() * a.dtype_bytes + kv_bytes_per_token(teacher, a.dtype_bytes) * prompt
     if held > prefill_gpu.memory_gb * 1e9 * a.mem_util:
-        prefill_unmet.append(
+        unmet.append(
             f"teacher weights plus one prompt's KV ({held / 1e9:.1f} GB) exceed {prefill_gpu.name}'s "
             f"usable {prefill_gpu.memory_gb * a.mem_util:.1f} GB"
         )
+    planner = _Planner(workload, targets, a, prefill_gpu, prefill_s, tuple(unmet))
 
-    def deployment(name: str, decoder: ModelSpec, gpu: GpuSpec, what: str, transfer_s: float) -> PlanRow:
-        shared = name == DEPLOYMENTS[2]  # colocated: decode runs on the prefill replicas
-        base = PlanRow(name, prefill_gpu.name, gpu.name, prefill_s, transfer_s)
-        d = _decode(decoder, gpu, context, a)
-        unmet = prefill_unmet + _decode_unmet(d, gpu, what, t.tpot_s, a)
+    def transfer_s(decoder: ModelSpec) -> float:
+        return kv_bytes_per_token(decoder, a.dtype_bytes) * prompt / (a.link_gbps * 1e9)
+
+    return [
+        planner.row(DEPLOYMENTS[0], student, decode_gpu, "student", transfer_s(student)),
+        planner.row(DEPLOYMENTS[1], teacher, decode_gpu, "teacher", transfer_s(teacher)),
+        planner.row(DEPLOYMENTS[2], teacher, prefill_gpu, "teacher", 0.0),
+    ]
+
+
+@dataclass(frozen=True)
+class _Planner:
+    """What the three deployments share: the workload, the targets and the teacher's prefill."""
+
+    workload: Workload
+    targets: Targets
+    a: Assumptions
+    prefill_gpu: GpuSpec
+    prefill_s: float
+    prefill_unmet: tuple[str, ...]
+
+    def row(self, name: str, decoder: ModelSpec, gpu: GpuSpec, what: str, transfer_s: float) -> PlanRow:
+        """One deployment; `decoder` on `gpu` decodes (`what` names it in unmet targets)."""
+        a, t, prefill_s = self.a, self.targets, self.prefill_s
+        w = self.workload
+        base = PlanRow(name, self.prefill_gpu.name, gpu.name, prefill_s, transfer_s)
+        d = _decode(decoder, gpu, w.prompt_tokens + w.output_tokens / 2, a)  # mean context over decode
+        unmet = [*self.prefill_unmet, *_decode_unmet(d, gpu, what, t.tpot_s, a)]
         slack = t.ttft_s - prefill_s - transfer_s
         if slack <= 0:
             link = f" + KV transfer ({a.link_gbps:g} GB/s)" if transfer_s else ""
@@ -244,26 +265,16 @@ def plan(
             unmet.append(f"TTFT target {t.ttft_s * 1e3:.0f} ms is below the prefill{link} floor of {floor}")
         if unmet:
             return replace(base, unmet=tuple(unmet))
-        # Highest utilization whose M/D/1 wait fits the TTFT slack: rho·t/(2(1-rho)) <= s <=> rho <= 2s/(t+2s).
-        rho_max = min(a.max_prefill_util, 2 * slack / (prefill_s + 2 * slack))
-        n_p = max(1, math.ceil(lam * prefill_s / rho_max - _EPS))
-
-        def decode_fits(n: int) -> bool:
-            # Prefill takes u = rate·prefill_s/n of a colocated replica's time; decode steps stretch by 1/(1-u).
-            u = lam * prefill_s / n
-            b = d.max_batch(t.tpot_s * (1 - u), a.max_decode_batch)
-            return b >= 1 and decode_tokens_per_s / n / (1 - u) <= b / d.step(b) + _EPS
-
-        if shared:  # every condition eases as n grows, so the first n that fits is the cheapest
-            found = next((n for n in range(n_p, n_p + 1_000_000) if decode_fits(n)), None)
-            if found is None:
-                return replace(base, unmet=("no replica count up to a million meets the targets",))
-            n_p = found
-        u = lam * prefill_s / n_p if shared else 0.0
+        shared = name == DEPLOYMENTS[2]  # colocated: decode runs on the prefill replicas
+        n_p = self._prefill_replicas(d, slack, shared)
+        if n_p is None:
+            return replace(base, unmet=("no replica count up to a million meets the targets",))
+        decode_tokens_per_s = self.decode_tokens_per_s
+        u = w.rate_rps * prefill_s / n_p if shared else 0.0
         b_max = d.max_batch(t.tpot_s * (1 - u), a.max_decode_batch)
         n_d = 0 if shared else math.ceil(decode_tokens_per_s / (b_max / d.step(b_max)) - _EPS)
         batch = d.batch_for(decode_tokens_per_s / (n_p if shared else n_d) / (1 - u))
-        usd = n_p * prefill_gpu.usd_per_hour + n_d * gpu.usd_per_hour
+        usd = n_p * self.prefill_gpu.usd_per_hour + n_d * gpu.usd_per_hour
         return replace(
             base,
             prefill_replicas=n_p,
@@ -271,17 +282,31 @@ def plan(
             decode_batch_max=b_max,
             decode_batch=batch,
             decode_step_s=d.step(b_max),
-            ttft_s=_md1_wait(lam * prefill_s / n_p, prefill_s) + prefill_s + transfer_s,
+            ttft_s=_md1_wait(w.rate_rps * prefill_s / n_p, prefill_s) + prefill_s + transfer_s,
             tpot_s=d.step(batch) / (1 - u),
             usd_per_hour=usd,
-            usd_per_m_tokens=usd / (lam * out * 3600) * 1e6,
+            usd_per_m_tokens=usd / (w.rate_rps * w.output_tokens * 3600) * 1e6,
         )
 
-    def transfer_s(decoder: ModelSpec) -> float:
-        return kv_bytes_per_token(decoder, a.dtype_bytes) * prompt / (a.link_gbps * 1e9)
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.workload.rate_rps * (self.workload.output_tokens - 1)  # token 1 is the prefill's
 
-    return [
-        deployment(DEPLOYMENTS[0], student, decode_gpu, "student", transfer_s(student)),
-        deployment(DEPLOYMENTS[1], teacher, decode_gpu, "teacher", transfer_s(teacher)),
-        deployment(DEPLOYMENTS[2], teacher, prefill_gpu, "teacher", 0.0),
-    ]
+    def _prefill_replicas(self, d: _Decode, slack: float, shared: bool) -> int | None:
+        """Prefill replicas meeting the TTFT slack; colocated, also carrying the decode (None: none does)."""
+        a, lam, prefill_s = self.a, self.workload.rate_rps, self.prefill_s
+        # Highest utilization whose M/D/1 wait fits the TTFT slack: rho·t/(2(1-rho)) <= s <=> rho <= 2s/(t+2s).
+        rho_max = min(a.max_prefill_util, 2 * slack / (prefill_s + 2 * slack))
+        n_p = max(1, math.ceil(lam * prefill_s / rho_max - _EPS))
+        if not shared:
+            return n_p
+        decode_tokens_per_s = self.decode_tokens_per_s
+
+        def decode_fits(n: int) -> bool:
+            # Prefill takes u = rate·prefill_s/n of a colocated replica's time; decode steps stretch by 1/(1-u).
+            u = lam * prefill_s / n
+            b = d.max_batch(self.targets.tpot_s * (1 - u), a.max_decode_batch)
+            return b >= 1 and decode_tokens_per_s / n / (1 - u) <= b / d.step(b) + _EPS
+
+        # Every condition eases as n grows, so the first n that fits is the cheapest.
+        return next((n for n in range(n_p, n_p + 1_000_000) if decode_fits(n)), None)

@@ -120,23 +120,14 @@ def add_plan_command(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--ttft-ms", type=float, default=1000.0, help="mean time-to-first-token target")
     p.add_argument("--tpot-ms", type=float, default=50.0, help="mean time-per-output-token target")
     d = Assumptions()
-    p.add_argument("--mfu", type=float, default=d.mfu, help="model FLOP/s utilization")
-    p.add_argument("--mbu", type=float, default=d.mbu, help="memory bandwidth utilization")
-    p.add_argument(
-        "--max-util",
-        type=float,
-        default=d.max_prefill_util,
-        dest="max_prefill_util",
-        help="prefill replica busy cap",
-    )
-    p.add_argument("--mem-util", type=float, default=d.mem_util, help="GPU memory fraction for weights + KV")
-    p.add_argument("--link-gbps", type=float, default=d.link_gbps, help="KV link bandwidth, GB/s (bytes)")
-    p.add_argument(
-        "--max-batch",
-        type=int,
-        default=d.max_decode_batch,
-        dest="max_decode_batch",
-        help="decode batch cap per replica",
-    )
+    for flag, field, kind, what in (
+        ("--mfu", "mfu", float, "model FLOP/s utilization"),
+        ("--mbu", "mbu", float, "memory bandwidth utilization"),
+        ("--max-util", "max_prefill_util", float, "prefill replica busy cap"),
+        ("--mem-util", "mem_util", float, "GPU memory fraction for weights + KV"),
+        ("--link-gbps", "link_gbps", float, "KV link bandwidth, GB/s (bytes)"),
+        ("--max-batch", "max_decode_batch", int, "decode batch cap per replica"),
+    ):
+        p.add_argument(flag, type=kind, default=getattr(d, field), dest=field, help=what)
     p.set_defaults(func=run_plan)
     return p

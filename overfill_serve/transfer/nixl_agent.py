@@ -57,14 +57,6 @@ POLL_MAX_SECONDS = 1e-3
 INSTALL_HINT = "pip install --no-deps nixl==1.5.1 nixl-cu12==1.5.1"
 
 
-def nixl_available() -> bool:
-    try:
-        _nixl_api()
-    except ImportError:
-        return False
-    return True
-
-
 def _nixl_api() -> Any:
     from nixl import _api  # the CUDA-major dispatcher; works on CPU-only hosts too
 

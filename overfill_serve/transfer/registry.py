@@ -49,7 +49,6 @@ class Transfer:
     completion: Completion | None = None
     lease_deadline: float = float("inf")
     reason: str = ""
-    opened_at: float = field(default_factory=time.monotonic)
 
     @property
     def block_ids(self) -> list[int]:

@@ -1,7 +1,7 @@
 """`DecodeWorker`: hosts the pruned (student) model, pulls each request's prompt KV from a prefill worker
 through the KV channel into its own pool (kept layers only) and decodes it with continuous batching.
 
-`generate_from(ticket, ...)` pulls in the caller's thread, then streams the engine thread's outputs, the
+`generate_from(ticket)` pulls in the caller's thread, then streams the engine thread's outputs, the
 teacher's first token first. A request whose KV does not arrive leaves nothing behind: its blocks are freed
 and the prefill side is told to abort. As a `ModelWorker` it also generates locally with the student alone
 (the `pruned` mode).
@@ -13,6 +13,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,6 @@ from overfill_serve.engine.stage import blocks_for
 from overfill_serve.errors import OutOfBlocksError
 from overfill_serve.model.spec import KeptLayers, KVLayout
 from overfill_serve.request import Request, RequestStatus
-from overfill_serve.sampling_params import SamplingParams
 from overfill_serve.transfer.channel import KVChannel, TransferStats
 from overfill_serve.transfer.config import TransferConfig
 from overfill_serve.transfer.registry import Completion
@@ -67,38 +67,22 @@ class DecodeWorker(ModelWorker):
                 self._channels[address] = channel
             return channel
 
-    def generate_from(
-        self,
-        ticket: TransferTicket,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        generated_token_ids: list[int] | None = None,
-    ) -> Iterator[StepOutput]:
+    def generate_from(self, ticket: TransferTicket) -> Iterator[StepOutput]:
         """Pull the ticket's KV, then stream the request's outputs. Raises a `TransferError` if the KV does
         not arrive, `PreemptedError` if this worker has to give the request back."""
-        request, completion = self._pull(ticket, prompt_token_ids, params, generated_token_ids)
-        stream = OutputStream()
-        self.loop.call(lambda: self._admit_remote(request, completion, stream))
+        request, completion = self._pull(ticket)
+        stream = self._open(partial(self._admit_remote, request, completion))
         return self._iterate(request.request_id, stream)
 
-    async def agenerate_from(
-        self,
-        ticket: TransferTicket,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        generated_token_ids: list[int] | None = None,
-    ) -> AsyncIterator[StepOutput]:
-        pull = asyncio.get_running_loop().run_in_executor(
-            None, self._pull, ticket, prompt_token_ids, params, generated_token_ids
-        )
+    async def agenerate_from(self, ticket: TransferTicket) -> AsyncIterator[StepOutput]:
+        pull = asyncio.get_running_loop().run_in_executor(None, self._pull, ticket)
         try:
             request, completion = await asyncio.shield(pull)
         except asyncio.CancelledError:
             # The caller left while the pull runs on: when it ends, give its blocks back.
             pull.add_done_callback(self._discard_pull)
             raise
-        stream = OutputStream(asyncio.get_running_loop())
-        self.loop.call(lambda: self._admit_remote(request, completion, stream))
+        stream = self._open(partial(self._admit_remote, request, completion), asyncio.get_running_loop())
         async for out in self._aiterate(request.request_id, stream):
             yield out
 
@@ -108,15 +92,10 @@ class DecodeWorker(ModelWorker):
             self.core.pool.free(request.block_table)
             request.block_table = []
 
-    def _pull(
-        self,
-        ticket: TransferTicket,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        generated_token_ids: list[int] | None,
-    ) -> tuple[Request, Completion]:
-        request = self._new_request(prompt_token_ids, params, ticket.request_id, generated_token_ids)
-        assert request.num_prompt_tokens == ticket.num_prompt_tokens
+    def _pull(self, ticket: TransferTicket) -> tuple[Request, Completion]:
+        request = self._new_request(
+            list(ticket.prompt_token_ids), ticket.params, ticket.request_id, list(ticket.generated_token_ids)
+        )
         blocks = self._allocate(blocks_for(ticket.num_prompt_tokens, self.config.block_size))
         try:
             completion, self.last_transfer = self.channel(ticket.address).pull(

@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from overfill_serve.sampling_params import SamplingParams
 from overfill_serve.tokenizer import load_tokenizer
 from overfill_serve.worker.engine_loop import EngineLoop
 from overfill_serve.worker.latency_window import LatencyWindow
-from overfill_serve.worker.output_stream import END, OutputStream
+from overfill_serve.worker.output_stream import OutputStream
 from overfill_serve.worker.worker_stats import WorkerStats
 
 
@@ -62,9 +63,6 @@ class ModelWorker:
         self.loop.start()
         return self
 
-    def stop(self) -> None:
-        self.loop.stop()
-
     def stats(self) -> WorkerStats:
         core = self.core
         swapped = sum(len(d.swapped) for d in core.decode.values())
@@ -79,21 +77,21 @@ class ModelWorker:
             tpot_s=self.tpot.mean(),
         )
 
+    def stop(self) -> None:
+        self.loop.stop()
+
     # -- local generation ----------------------------------------------------------------------------------
     def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
     ) -> Iterator[StepOutput]:
         request = self._new_request(prompt_token_ids, params, request_id)
-        stream = OutputStream()
-        self.loop.call(lambda: self._admit_local(request, stream))
-        return self._iterate(request.request_id, stream)
+        return self._iterate(request.request_id, self._open(partial(self._admit_local, request)))
 
     def agenerate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[StepOutput]:
         request = self._new_request(prompt_token_ids, params, request_id)
-        stream = OutputStream(asyncio.get_running_loop())
-        self.loop.call(lambda: self._admit_local(request, stream))
+        stream = self._open(partial(self._admit_local, request), asyncio.get_running_loop())
         return self._aiterate(request.request_id, stream)
 
     def abort(self, request_id: str) -> None:
@@ -113,36 +111,28 @@ class ModelWorker:
             output_token_ids=list(generated_token_ids or []),
         )
 
+    def _open(
+        self, admit: Callable[[OutputStream], None], loop: asyncio.AbstractEventLoop | None = None
+    ) -> OutputStream:
+        """A request's output stream, the request admitted on the engine thread."""
+        stream = OutputStream(loop)
+        self.loop.call(lambda: admit(stream))
+        return stream
+
     def _iterate(self, request_id: str, stream: OutputStream) -> Iterator[StepOutput]:
-        done = False
         try:
-            while True:
-                item = stream.get()
-                if item is END:
-                    done = True
-                    return
-                if isinstance(item, BaseException):
-                    done = True
-                    raise item
-                yield item
+            while not stream.done:
+                yield stream.get()
         finally:
-            if not done:  # the caller left early: free the request's blocks
+            if not stream.done:  # the caller left early: free the request's blocks
                 self.abort(request_id)
 
     async def _aiterate(self, request_id: str, stream: OutputStream) -> AsyncIterator[StepOutput]:
-        done = False
         try:
-            while True:
-                item = await stream.aget()
-                if item is END:
-                    done = True
-                    return
-                if isinstance(item, BaseException):
-                    done = True
-                    raise item
-                yield item
+            while not stream.done:
+                yield await stream.aget()
         finally:
-            if not done:
+            if not stream.done:
                 self.abort(request_id)
 
     # -- engine thread -------------------------------------------------------------------------------------
@@ -181,7 +171,6 @@ class ModelWorker:
         stream.put(out)
         if out.finished:
             self.num_finished += 1
-            stream.put(END)
             del self._streams[out.request_id]
 
     def _abort_now(self, request_id: str) -> None:

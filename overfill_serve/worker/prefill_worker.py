@@ -29,12 +29,18 @@ from overfill_serve.worker.worker_stats import WorkerStats
 
 @dataclass(frozen=True)
 class TransferTicket:
-    """Where a decode worker pulls a request's prompt KV from."""
+    """What a decode worker needs to take a request over: where its prompt KV is, and the request itself."""
 
     transfer_id: str
     address: str  # the prefill worker's KV server, host:port
     request_id: str
-    num_prompt_tokens: int
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    generated_token_ids: tuple[int, ...] = ()  # a resumed request's tokens so far (its decode continues)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
 
 
 class PrefillWorker(ModelWorker):
@@ -83,7 +89,14 @@ class PrefillWorker(ModelWorker):
             self.core.add(request, self.model_name, decode=None)
 
         self.loop.call(admit)
-        return TransferTicket(transfer_id, self.address, request.request_id, request.num_prompt_tokens)
+        return TransferTicket(
+            transfer_id,
+            self.address,
+            request.request_id,
+            tuple(request.prompt_token_ids),
+            params,
+            tuple(request.output_token_ids),
+        )
 
     def drain(self, timeout: float) -> bool:
         """Before shutting down: wait until every offered KV is pulled, aborted or its lease ran out, so a

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 
@@ -27,9 +27,6 @@ class WorkerStats:
     @property
     def kv_utilization(self) -> float:
         return 1.0 - self.free_blocks / self.total_blocks
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WorkerStats:

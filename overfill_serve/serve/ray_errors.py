@@ -1,0 +1,24 @@
+"""Ray's own errors, recognised by class name (any class in the MRO; ray is not imported): one classification
+for the HTTP and the gRPC status mappings."""
+
+from __future__ import annotations
+
+KINDS = {
+    "BackPressureError": "overloaded",
+    "RayActorError": "unavailable",
+    "ActorUnavailableError": "unavailable",
+    "DeploymentUnavailableError": "unavailable",
+    "ReplicaUnavailableError": "unavailable",
+    "RequestCancelledError": "cancelled",
+}
+
+
+def ray_kind(exc: BaseException) -> str | None:
+    """ "overloaded", "unavailable" or "cancelled" for an error of Ray's own; None otherwise."""
+    return next((KINDS[c.__name__] for c in type(exc).__mro__ if c.__name__ in KINDS), None)
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The deployment's own exception inside Ray's RayTaskError (whose str() is a whole traceback)."""
+    cause = getattr(exc, "cause", None)
+    return unwrap(cause) if isinstance(cause, BaseException) and cause is not exc else exc
