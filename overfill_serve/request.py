@@ -12,11 +12,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from overfill_serve.errors import InvalidRequestError
 from overfill_serve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Mode(str, enum.Enum):

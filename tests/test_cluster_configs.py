@@ -44,3 +44,35 @@ def test_short_kv_secret_is_refused_at_build_time():
 
     with pytest.raises(ModelConfigError, match="at least 16 bytes"):
         ServeConfig.from_args({"transfer": {"secret": "too-short"}})
+
+
+def test_engine_settings_per_pool():
+    """Engine fields at the top level apply to both pools, a pool's section to it alone; the flat keys of
+    earlier configs mean the same as the sections."""
+    config = ServeConfig.from_args(
+        {"block_size": 4, "max_num_seqs": 8, "prefill": {"num_kv_blocks": 100}, "decode": {"max_num_seqs": 2}}
+    )
+    assert (config.prefill.block_size, config.decode.block_size) == (4, 4)
+    assert (config.prefill.max_num_seqs, config.decode.max_num_seqs) == (8, 2)
+    assert (config.prefill.num_kv_blocks, config.decode.num_kv_blocks) == (100, 512)  # 512: the pool default
+    assert config.decode.num_swap_blocks == 256 and config.prefill.num_swap_blocks == 0
+    legacy = {"prefill_kv_blocks": 64, "decode_kv_blocks": 32, "decode_swap_blocks": 8}
+    sections = {"prefill": {"num_kv_blocks": 64}, "decode": {"num_kv_blocks": 32, "num_swap_blocks": 8}}
+    assert ServeConfig.from_args(legacy).prefill == ServeConfig.from_args(sections).prefill
+    assert ServeConfig.from_args(legacy).decode == ServeConfig.from_args(sections).decode
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"decode": {"num_kv_block": 10}}, "unknown decode engine settings"),
+        ({"prefill": {"num_kv_blocks": 0}}, "num_kv_blocks must be a positive integer"),
+        ({"decode": {"dtype": "bfloat16"}}, "dtype must match"),
+        ({"dtype": "float8"}, "dtype 'float8' is not supported"),
+    ],
+)
+def test_bad_engine_settings_are_refused(args, message):
+    from overfill_serve.errors import ModelConfigError
+
+    with pytest.raises(ModelConfigError, match=message):
+        ServeConfig.from_args(args)

@@ -12,6 +12,7 @@ from overfill_serve import LLM, SamplingParams
 from overfill_serve.errors import InvalidRequestError, ModelConfigError, PairMismatchError, WeightLoadError
 from overfill_serve.model.loader import load_model
 from overfill_serve.model.random_model import make_random_model
+from overfill_serve.request import RequestStatus
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +162,24 @@ def test_serving_errors_survive_pickling():
     for cls in (UnauthenticatedError, ServiceUnavailableError):
         e = pickle.loads(pickle.dumps(cls("why")))
         assert type(e) is cls and str(e) == "why"
+
+
+def test_a_failing_step_fails_its_requests_and_frees_their_blocks(width_pair, monkeypatch):
+    """A step that raises (a device error, a bug) marks every request in flight failed, with its error, and
+    returns their blocks; the engine then serves new requests."""
+    llm = LLM(width_pair.teacher, width_pair.student, num_kv_blocks=32, block_size=4)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    expected = llm.generate([5, 6, 7], params)[0].token_ids
+    for prompt in ([5, 6, 7], list(range(10, 30))):
+        llm.add_request(prompt, params)
+    llm.step()  # prefilled: the student decodes next
+    requests = [r for engine in llm.core.engines() for queue in engine.queues() for r in queue]
+    assert len(requests) == 2
+    runner = llm.core.decode["student"].runner
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "run", lambda *_: (_ for _ in ()).throw(RuntimeError("device lost")))
+        with pytest.raises(RuntimeError, match="device lost"):
+            llm.step()
+    assert all(r.status is RequestStatus.FAILED and r.error == "RuntimeError: device lost" for r in requests)
+    assert llm.core.pool.num_free == llm.core.pool.num_blocks and not llm.has_unfinished()
+    assert llm.generate([5, 6, 7], params)[0].token_ids == expected

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from overfill_serve.engine.config import EngineConfig
+from overfill_serve.errors import ModelConfigError
 from overfill_serve.kv.block_pool import BlockPool
 from overfill_serve.kv.paged_cache import PagedKVCache
 
@@ -39,3 +40,17 @@ def test_cache_sized_from_budget_and_layer_views():
         cache.layer(0)[0].data_ptr(),
         cache.layer(3)[0].data_ptr(),
     ]
+
+
+def test_engine_config_context_limit_and_validation():
+    """One rule for the longest sequence: the configured cap, the models' positions, and what the pool holds
+    (a request running alone must fit)."""
+    assert EngineConfig().context_limit(4096, num_blocks=100) == 1600  # 100 blocks of 16 tokens
+    assert EngineConfig(max_model_len=512).context_limit(4096, num_blocks=100) == 512
+    assert EngineConfig(num_kv_blocks=10, block_size=4).context_limit(4096) == 40  # before the pool exists
+    assert EngineConfig().context_limit(2048) == 2048  # pool unknown yet: the model's limit
+    for bad in ({"block_size": 0}, {"max_num_seqs": -1}, {"num_swap_blocks": -2}, {"kv_cache_bytes": 1.5}):
+        with pytest.raises(ModelConfigError, match=next(iter(bad))):
+            EngineConfig(**bad)
+    with pytest.raises(ModelConfigError, match="holds no block"):
+        EngineConfig(kv_cache_bytes=100).num_blocks(4, 2, 8)

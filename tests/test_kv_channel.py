@@ -11,12 +11,14 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 from kv_helpers import decode_kwargs, fragment, pool_full, wait_until
 from peer_process import SECRET, PeerError, PeerProcess
 
 from overfill_serve import LLM, SamplingParams
+from overfill_serve._proto.overfill.v1 import kv_transfer_pb2 as pb
 from overfill_serve.errors import (
     AuthenticationError,
     ChunkError,
@@ -27,8 +29,10 @@ from overfill_serve.errors import (
     TransferNotFoundError,
     TransferTimeoutError,
 )
+from overfill_serve.transfer.channel import KVChannel
 from overfill_serve.transfer.chunk import ChunkHeader
 from overfill_serve.transfer.config import TransferConfig
+from overfill_serve.transfer.control import TransferControl
 from overfill_serve.worker.decode_worker import DecodeWorker
 from overfill_serve.worker.prefill_worker import PrefillWorker
 
@@ -240,6 +244,32 @@ def test_abort_from_decode_side(workers):
     decode.channel(prefill.address).abort(ticket.transfer_id, "client went away")
     wait_until(lambda: pool_full(prefill.stats()))
     with pytest.raises(TransferAbortedError, match="client went away"):
+        list(decode.generate_from(ticket))
+    assert pool_full(decode.stats())
+
+
+def test_control_only_peer_aborts_but_cannot_pull(workers):
+    """The ingress holds no model: its control-only channel (no layout) aborts a transfer, which frees the
+    prefill side's blocks, and is refused the data plane."""
+    prefill, decode = workers
+    ticket = prefill.submit(PROMPTS[2], GREEDY)
+    wait_until(lambda: prefill.stats().open_transfers == 1 and not pool_full(prefill.stats()))
+    control = KVChannel(prefill.address, TransferConfig(), client_id="ingress").connect()
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            list(
+                control.stub.Describe(
+                    pb.PullRequest(transfer_id=ticket.transfer_id), metadata=control.metadata
+                )
+            )
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "control-only" in e.value.details()
+    finally:
+        control.close()
+    transfers = TransferControl(TransferConfig())
+    transfers.abort(ticket.address, ticket.transfer_id, "nobody will pull it")
+    transfers.stop()
+    wait_until(lambda: pool_full(prefill.stats()) and prefill.stats().open_transfers == 0)
+    with pytest.raises(TransferAbortedError, match="nobody will pull it"):
         list(decode.generate_from(ticket))
     assert pool_full(decode.stats())
 
