@@ -46,7 +46,7 @@ class UnauthenticatedError(OverfillError):
 
 
 class OverloadedError(OverfillError):
-    """The router is at capacity (e.g. max_inflight_requests): HTTP 503 `overloaded` with Retry-After, gRPC
+    """The ingress is at capacity (e.g. max_inflight_requests): HTTP 503 `overloaded` with Retry-After, gRPC
     RESOURCE_EXHAUSTED with a retry hint. `retry_after_s`: when to retry, if known."""
 
     def __init__(self, message: str = "the server is overloaded", retry_after_s: float | None = None) -> None:

@@ -23,7 +23,6 @@ from overfill_serve.engine.prefill import PrefillEngine
 from overfill_serve.engine.runner import ModelRunner
 from overfill_serve.engine.sampler import SampledToken, Sampler
 from overfill_serve.engine.stage import Prefilled, StageContext, StageEngine, StepResult
-from overfill_serve.errors import PreemptedError
 from overfill_serve.kv.block_pool import BlockPool
 from overfill_serve.kv.paged_cache import PagedKVCache
 from overfill_serve.kv.swap_space import SwapSpace
@@ -50,7 +49,6 @@ class EngineCore:
         spec = next(iter(models.values()))[0].spec
         num_layers = 1 + max(max(kept) for _, kept in models.values())
         num_blocks = config.num_blocks(num_layers, spec.num_kv_heads, spec.head_dim)
-        self.config = config
         self.cache = PagedKVCache(
             num_layers, num_blocks, config.block_size, spec.num_kv_heads, spec.head_dim,
             config.torch_dtype, config.device,
@@ -121,12 +119,11 @@ class EngineCore:
 
     def _re_prefill(self, request: Request) -> bool:
         """Send a preempted request back to the model that prefilled it here; False if its prompt KV came
-        from elsewhere (it leaves this core failed, for its owner to prefill again)."""
+        from elsewhere (it leaves this core, for its owner to prefill again)."""
         route = self._routes.get(request.request_id)
         if route is not None and route.prefill is not None:
             self.prefill[route.prefill].add(request, front=True)
             return True
         self._routes.pop(request.request_id, None)
         self.output.release(request.request_id)
-        request.fail(PreemptedError(request.request_id, list(request.output_token_ids)))
         return False

@@ -92,7 +92,7 @@ class Ingress:
 
     @app.get("/health")
     async def health(self) -> Any:
-        """200 while the router runs; "degraded" (with each pool's state) while a pool has no replica."""
+        """200 while the ingress runs; "degraded" (with each pool's state) while a pool has no replica."""
         return {**self.pools.report(), "inflight": self._inflight}
 
     async def _openai(self, http: Request, cls: Any) -> Any:

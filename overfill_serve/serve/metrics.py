@@ -1,6 +1,6 @@
 """Prometheus metrics of the deployments (exported by Ray's metrics agent, like every Ray Serve metric).
 
-Replicas report KV-pool occupancy, queue depth, swapped-out requests and KV-transfer volume; the router
+Replicas report KV-pool occupancy, queue depth, swapped-out requests and KV-transfer volume; the ingress
 reports per-request latencies (TTFT, time per output token, end to end) and token counts, by mode and pair.
 """
 

@@ -1,4 +1,4 @@
-"""`PoolMonitor`: the router's view of the prefill and decode pools — replicas running against the target, and
+"""`PoolMonitor`: the ingress's view of the prefill and decode pools — replicas running against the target, and
 for a pool short of replicas, whether any alive node could host one (placement.py).
 
 A pool that cannot be placed is logged once as a warning naming what is missing, shows in `/health`, and
@@ -74,7 +74,7 @@ class PoolMonitor:
         self, app_name: str, period_s: float, read: Callable[[str], dict[str, PoolStatus]] = read_pools
     ) -> None:
         self.app_name, self.period_s, self._read = app_name, period_s, read
-        self.pools: dict[str, PoolStatus] = {}  # replaced whole by the monitor thread, read by the router
+        self.pools: dict[str, PoolStatus] = {}  # replaced whole by the monitor thread, read by the ingress
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pool-monitor", daemon=True)
 

@@ -44,7 +44,6 @@ class ModelWorker:
         **engine: Any,
     ) -> None:
         """`engine`: `EngineConfig` fields. `on_prefill_layer` runs after each layer of a prefill step."""
-        self.model_dir = Path(model_dir)
         self.config = EngineConfig(**engine)
         self.model = load_model(model_dir, self.config.dtype, self.config.device)
         spec = self.model.spec
@@ -148,7 +147,7 @@ class ModelWorker:
         for out in result.outputs:
             self._emit(out)
         for request in result.preempted:
-            # Its prompt KV came from another model: hand it back to whoever can prefill it again.
+            # Its prompt KV came from another model: give it back to whoever can prefill it again.
             error = PreemptedError(request.request_id, list(request.output_token_ids))
             request.fail(error)
             self._fail(request.request_id, error)
