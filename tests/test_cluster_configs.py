@@ -69,6 +69,7 @@ def test_engine_settings_per_pool():
         ({"prefill": {"num_kv_blocks": 0}}, "num_kv_blocks must be a positive integer"),
         ({"decode": {"dtype": "bfloat16"}}, "dtype must match"),
         ({"dtype": "float8"}, "dtype 'float8' is not supported"),
+        ({"prefill": 512}, "prefill must be a mapping"),
     ],
 )
 def test_bad_engine_settings_are_refused(args, message):

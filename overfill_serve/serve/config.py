@@ -60,9 +60,7 @@ class ServeConfig:
         for key, (role, name) in LEGACY_KEYS.items():
             if key in args:
                 pools[role][name] = args.pop(key)
-        engines = {
-            role: _engine_config(role, {**pools[role], **(args.pop(role, None) or {})}) for role in ROLES
-        }
+        engines = {role: _engine_config(role, pools[role], args.pop(role, None)) for role in ROLES}
         for key in ("dtype", "block_size"):  # the KV moves between the pools as it is
             if getattr(engines["prefill"], key) != getattr(engines["decode"], key):
                 raise ModelConfigError(f"the prefill and decode pools' {key} must match")
@@ -92,7 +90,11 @@ class ServeConfig:
         return teacher, student
 
 
-def _engine_config(role: str, settings: dict[str, Any]) -> EngineConfig:
+def _engine_config(role: str, settings: dict[str, Any], section: Any) -> EngineConfig:
+    """A pool's engine: its settings so far, then its own section of the config."""
+    if section is not None and not isinstance(section, dict):
+        raise ModelConfigError(f"{role} must be a mapping of engine settings, got {section!r}")
+    settings = {**settings, **(section or {})}
     unknown = sorted(set(settings) - ENGINE_FIELDS)
     if unknown:
         raise ModelConfigError(f"unknown {role} engine settings {unknown}; known: {sorted(ENGINE_FIELDS)}")
