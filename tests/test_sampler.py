@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import random
 import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from overfill_serve.engine import sampler as sampler_module
 from overfill_serve.engine.sampler import Sampler, _apply_penalties, _top_p_threshold
 from overfill_serve.request import Request
 from overfill_serve.sampling_params import SamplingParams
@@ -252,3 +260,224 @@ def test_seeded_step_depends_only_on_request_history() -> None:
     elsewhere = Request("b", [1, 2], params, output_token_ids=list(original.output_token_ids[:3]))
     replay = [Sampler()(logits, [elsewhere])[0].token_id]
     assert replay[0] == original.output_token_ids[3]
+
+
+# --- device residency: one device->host read per call, batch-independent seeds, device-side penalties ---
+
+aten = torch.ops.aten
+# Ops after which the host must wait for a GPU: a scalar read, or an output shape that depends on the data.
+_SYNCING_OPS = {
+    aten._local_scalar_dense.default,  # item(), float(t), int(t), bool(t)
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten.repeat_interleave.Tensor,
+    aten._unique2.default,
+    aten.unique_dim.default,
+    aten.unique_consecutive.default,
+    aten.is_nonzero.default,
+    aten.equal.default,
+}
+_INDEX_OPS = {
+    aten.index.Tensor,
+    aten.index_put.default,
+    aten.index_put_.default,
+    aten._index_put_impl_.default,
+}
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+class HostReads(TorchDispatchMode):
+    """Records every op, and separately those that would make the host wait for a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops.append(str(func))
+        masks = func in _INDEX_OPS and any(
+            t is not None and t.dtype in (torch.bool, torch.uint8) for t in args[1]
+        )  # boolean indexing is a nonzero in disguise
+        if func in _SYNCING_OPS or masks:
+            self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def host_reads() -> Iterator[HostReads]:
+    """Counts device->host reads of a CPU run: data-dependent ops, plus tolist / cpu / numpy, which on a CPU
+    tensor never reach the dispatcher."""
+    mode = HostReads()
+
+    def counted(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            mode.syncs.append(name)
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    with pytest.MonkeyPatch.context() as mp, mode:
+        for name in ("tolist", "cpu", "numpy"):
+            mp.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+        yield mode
+
+
+BATCH_KINDS = {
+    "greedy": [SamplingParams(temperature=0.0)],
+    "greedy+logprobs": [SamplingParams(temperature=0.0, logprobs=3), SamplingParams(temperature=0.0)],
+    "greedy+penalties": [SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.4)],
+    "sampled": [SamplingParams(temperature=0.8), SamplingParams(top_p=0.7, top_k=20)],
+    "seeded": [SamplingParams(seed=1, top_p=0.9), SamplingParams(seed=2, min_p=0.1)],
+    "mixed": [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.0, presence_penalty=0.5, logprobs=0),
+        SamplingParams(seed=3, top_p=0.8, repetition_penalty=1.2, logprobs=4),
+        SamplingParams(temperature=0.7, top_k=50, min_p=0.02),
+        SamplingParams(seed=4, temperature=1.3, frequency_penalty=-0.5),
+        SamplingParams(top_p=0.95, logprobs=2),
+    ],
+}
+
+
+def batch_of(kind: str, rows: int = 12, vocab: int = 5000) -> tuple[torch.Tensor, list[Request]]:
+    params = BATCH_KINDS[kind]
+    gen = torch.Generator().manual_seed(8)
+    logits = torch.randn(rows, vocab, generator=gen) * 2
+    reqs = [
+        Request(f"{kind}{i}", torch.randint(0, vocab, (40,), generator=gen).tolist(), params[i % len(params)])
+        for i in range(rows)
+    ]
+    for i, r in enumerate(reqs):
+        r.output_token_ids = torch.randint(0, vocab, (i,), generator=gen).tolist()
+    return logits, reqs
+
+
+@pytest.mark.parametrize("kind", sorted(BATCH_KINDS))
+def test_one_host_read_per_call(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CPU sorts top-p candidates in tiers, a data-dependent branch that is free there; without them the
+    # CPU runs exactly what CUDA runs.
+    monkeypatch.setattr(sampler_module, "_CPU_TOP_P_TIERS", ())
+    logits, reqs = batch_of(kind)
+    sampler = Sampler(seed=0)
+    for _ in range(2):
+        with host_reads() as reads:
+            out = sampler(logits, reqs)
+        assert len(reads.syncs) == 1, reads.syncs
+        for r, tok in zip(reqs, out):
+            assert (tok.logprob is None) == (r.params.logprobs is None)
+            r.output_token_ids.append(tok.token_id)
+
+
+def test_host_read_counter_sees_the_cpu_top_p_tiers() -> None:
+    """The counter is not blind: the CPU-only top-p tiers index by boolean masks."""
+    logits, reqs = batch_of("sampled")
+    with host_reads() as reads:
+        Sampler(seed=0)(logits, reqs)
+    assert len(reads.syncs) > 1
+
+
+def test_all_greedy_batch_is_one_kernel() -> None:
+    logits, reqs = batch_of("greedy")
+    with host_reads() as reads:
+        out = Sampler()(logits, reqs)
+    assert reads.ops == ["aten.argmax.default"] and reads.syncs == ["tolist"]
+    assert [t.token_id for t in out] == logits.argmax(-1).tolist()
+
+
+@CUDA
+@pytest.mark.parametrize("kind", sorted(BATCH_KINDS))
+def test_one_sync_per_call_on_cuda(kind: str) -> None:
+    logits, reqs = batch_of(kind, rows=32, vocab=128_000)
+    logits = logits.cuda().bfloat16()
+    sampler = Sampler(seed=0)
+    sampler(logits, reqs)  # warm-up: generators, pinned host blocks
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sampler(logits, reqs)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs
+
+
+NEIGHBOURS = [p for kind in ("mixed", "sampled", "greedy+penalties") for p in BATCH_KINDS[kind]]
+
+
+def decode_seeded(device: str, seed: int, crowd: int, steps: int = 8) -> list[int]:
+    """A seeded request decoded for `steps` steps, each step amid a fresh random crowd of up to `crowd`
+    different requests (at a random position, and with the crowd's own logits)."""
+    vocab = 3000
+    kw: dict[str, Any] = {"temperature": 0.8, "top_k": 300, "top_p": 0.9, "min_p": 0.01, "logprobs": 2}
+    params = SamplingParams(repetition_penalty=1.2, presence_penalty=0.3, seed=seed, **kw)
+    target = Request("target", [4, 5, 6], params)
+    rows = torch.randn(steps, vocab, generator=torch.Generator().manual_seed(11)) * 4
+    pick, gen = random.Random(crowd), torch.Generator().manual_seed(crowd)
+    sampler = Sampler(seed=crowd)
+    for step in range(steps):
+        batch = [Request(f"n{j}", [1, 2], pick.choice(NEIGHBOURS)) for j in range(pick.randint(0, crowd))]
+        position = pick.randint(0, len(batch))
+        batch.insert(position, target)
+        logits = torch.randn(len(batch), vocab, generator=gen) * 4
+        logits[position] = rows[step]
+        tok = sampler(logits.to(device), batch)[position]
+        target.output_token_ids.append(tok.token_id)
+    return target.output_token_ids
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_seeded_row_same_alone_and_in_changing_batches(device: str) -> None:
+    alone = decode_seeded(device, seed=77, crowd=0)
+    assert alone == decode_seeded(device, seed=77, crowd=5)
+    assert alone == decode_seeded(device, seed=77, crowd=12)
+    assert alone != decode_seeded(device, seed=78, crowd=0)
+
+
+def reference_penalties(row: torch.Tensor, request: Request) -> torch.Tensor:
+    """The penalties one token at a time, as the definitions read."""
+    row, p, vocab = row.clone(), request.params, row.shape[0]
+    if p.repetition_penalty != 1.0:
+        for t in set(request.prompt_token_ids + request.output_token_ids):
+            if 0 <= t < vocab:
+                row[t] = row[t] / p.repetition_penalty if row[t] > 0 else row[t] * p.repetition_penalty
+    for t, n in Counter(request.output_token_ids).items():
+        if 0 <= t < vocab:
+            row[t] -= p.presence_penalty + p.frequency_penalty * n
+    return row
+
+
+def test_device_penalties_match_a_per_token_reference() -> None:
+    vocab, pick = 400, random.Random(3)
+    kinds = [
+        SamplingParams(),
+        SamplingParams(repetition_penalty=1.7),
+        SamplingParams(repetition_penalty=0.6, frequency_penalty=0.3),
+        SamplingParams(presence_penalty=-0.7),
+        SamplingParams(presence_penalty=1.1, frequency_penalty=-0.4, repetition_penalty=1.25),
+    ]
+    reqs = []
+    for i in range(15):
+        prompt = [pick.randrange(-3, vocab + 3) for _ in range(pick.randint(0, 60))]  # some ids out of range
+        output = [pick.randrange(0, 40) for _ in range(pick.randint(0, 30))]  # plenty of repeats
+        reqs.append(Request(str(i), prompt, kinds[i % len(kinds)], output_token_ids=output))
+    reqs.append(Request("empty", [], SamplingParams(repetition_penalty=2.0, presence_penalty=1.0)))
+    logits = torch.randn(len(reqs), vocab, generator=torch.Generator().manual_seed(6)) * 3
+    expected = torch.stack([reference_penalties(row, r) for row, r in zip(logits, reqs)])
+    got = logits.clone()
+    _apply_penalties(got, reqs)
+    torch.testing.assert_close(got, expected)
+    penalised = [i for i, r in enumerate(reqs) if i % len(kinds)]  # every row penalised: no gather
+    got = logits[penalised].clone()
+    _apply_penalties(got, [reqs[i] for i in penalised])
+    torch.testing.assert_close(got, expected[penalised])
+
+
+def test_top_p_without_tiers_matches_the_tiers() -> None:
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.cat([torch.randn(3, 20_000, generator=gen) * 8, torch.randn(3, 20_000, generator=gen)])
+    top_p = torch.tensor([0.5, 0.9, 0.99, 0.3, 0.9, 0.999])
+    assert torch.equal(_top_p_threshold(logits, top_p, tiers=()), _top_p_threshold(logits, top_p))

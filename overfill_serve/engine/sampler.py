@@ -1,15 +1,16 @@
 """Batched token sampling: penalties, temperature, top-k / top-p / min-p, per-request seeds and logprobs.
 
-Every row is processed in float32 regardless of the model's dtype. Rows are grouped by which transforms they
-need so that the common cases (all greedy, or plain temperature sampling) cost one or two batched kernels.
-Sampling uses the exponential race (argmax of p / Exp(1)), which draws exactly V exponentials per row and
-step: a seeded request therefore produces the same tokens whatever else shares its batch.
+Everything runs on the logits' device, in float32 whatever the model's dtype, and a call reads back from the
+device once: the token ids, packed with the logprobs when a request asked for them. Per-request parameters go
+the other way in a few non-blocking copies (from pinned memory on CUDA), which never wait for the device.
+Sampling uses the exponential race (argmax of p / Exp(1)), which draws exactly V exponentials per row and step:
+a seeded request draws them from its own generator on the logits' device, re-seeded from (seed, step), so it
+produces the same tokens whatever else shares its batch.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,9 @@ from overfill_serve.sampling_params import SamplingParams
 
 # Exp(1) draws can in principle be 0; dividing by it would turn a masked (p == 0) token into NaN.
 _TINY = torch.finfo(torch.float32).tiny
+_NEG_INF = float("-inf")
+# Top-p candidate set sizes tried before a full sort; only where a data-dependent branch is free (the CPU).
+_CPU_TOP_P_TIERS = (1024, 8192)
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,8 @@ class Sampler:
 
     `seed` seeds the generator shared by the unseeded rows (one per device); None uses torch's global RNG.
     A request with `params.seed` samples from its own generator, re-seeded at every step from the seed and
-    the step number, so its tokens do not depend on where (or next to what) each step runs.
+    the step number, so its tokens do not depend on where (or next to what) each step runs on one kind of
+    device. CPU and CUDA generators produce different streams, so the same seed gives different tokens there.
     """
 
     def __init__(self, seed: int | None = None) -> None:
@@ -44,81 +49,85 @@ class Sampler:
             raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(requests)} requests")
         if not requests:
             return []
+        params = [r.params for r in requests]
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        penalised = any(_has_penalty(p) for p in params)
+        wants_logprobs = any(p.logprobs is not None for p in params)
+        if not (sampled or penalised or wants_logprobs):
+            # Upcasting is monotone, so the argmax in the model's dtype is the float32 one: one kernel. (The
+            # CPU's half-precision argmax is not vectorised: there the upcast first is faster.)
+            x = logits.float() if logits.device.type == "cpu" else logits
+            return [SampledToken(t, None) for t in x.argmax(dim=-1).tolist()]
         raw = logits.float()
         # Penalties and filters write in place. They must not touch the caller's tensor nor `raw` when it
         # feeds logprobs (reported before any transform), so copy unless `raw` is already a private copy.
-        edits = any(not r.params.greedy or _has_penalty(r.params) for r in requests)
-        wants_logprobs = any(r.params.logprobs is not None for r in requests)
         private = logits.dtype != torch.float32 and raw.is_contiguous() and not wants_logprobs
+        edits = bool(sampled) or penalised
         work = raw.clone(memory_format=torch.contiguous_format) if edits and not private else raw
-        _apply_penalties(work, requests)
+        if penalised:
+            _apply_penalties(work, requests)
+        return _collect(raw, self._choose(work, requests, sampled), requests)
 
-        greedy = [i for i, r in enumerate(requests) if r.params.greedy]
-        sampled = [i for i, r in enumerate(requests) if not r.params.greedy]
+    def _choose(self, work: torch.Tensor, requests: Sequence[Request], sampled: list[int]) -> torch.Tensor:
+        """Token ids [B]: the argmax for greedy rows, a draw for the `sampled` ones."""
         if not sampled:
-            token_ids = work.argmax(dim=-1)
-        elif not greedy:
-            token_ids = self._sample(work, list(requests))
+            return work.argmax(dim=-1)
+        # Unseeded rows first: their draws then fill one block from the shared generator.
+        order = sorted(sampled, key=lambda i: requests[i].params.seed is not None)
+        chosen = [requests[i] for i in order]
+        if order == list(range(len(requests))):
+            return self._sample(work, chosen)  # in place: no greedy row needs `work` afterwards
+        if len(sampled) < len(requests):
+            out = work.argmax(dim=-1)  # every row, before the sampled ones are filtered: one kernel
         else:
-            token_ids = torch.empty(len(requests), dtype=torch.long, device=work.device)
-            rows = _index(greedy, work.device)
-            token_ids[rows] = work[rows].argmax(dim=-1)
-            rows = _index(sampled, work.device)
-            token_ids[rows] = self._sample(work[rows], [requests[i] for i in sampled])
-
-        ids: list[int] = token_ids.tolist()
-        logprobs = _logprobs(raw, token_ids, ids, requests)
-        return [SampledToken(tid, logprobs.get(i)) for i, tid in enumerate(ids)]
+            out = torch.empty(len(requests), dtype=torch.long, device=work.device)
+        (rows,) = _upload(work.device, _longs(order))
+        return out.index_copy_(0, rows, self._sample(work[rows], chosen))
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Temperature, top-k, top-p, min-p, then one draw per row; `logits` is a private [S, V] copy."""
-        device = logits.device
+        """Temperature, top-k, top-p, min-p, then one race per row; `logits` is a private [S, V] tensor whose
+        rows are `requests`, unseeded ones first."""
         vocab = logits.shape[1]
         params = [r.params for r in requests]
-        if any(p.temperature != 1.0 for p in params):
-            temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
-            logits.div_(temps.unsqueeze(1))
-
         k_rows = [j for j, p in enumerate(params) if 0 < p.top_k < vocab]
-        if k_rows:
-            ks = [params[j].top_k for j in k_rows]
-            with _RowSubset(logits, k_rows) as sub:
-                # One topk with the largest k serves every row; each row's own k-th value is its threshold.
-                top = sub.topk(max(ks), dim=-1).values
-                kth = top.gather(1, _index([k - 1 for k in ks], device).unsqueeze(1))
-                sub.masked_fill_(sub < kth, float("-inf"))
-
         p_rows = [j for j, p in enumerate(params) if p.top_p < 1.0]
-        if p_rows:
-            top_p = torch.tensor([params[j].top_p for j in p_rows], dtype=torch.float32, device=device)
-            with _RowSubset(logits, p_rows) as sub:
-                sub.masked_fill_(sub < _top_p_threshold(sub, top_p), float("-inf"))
-
         m_rows = [j for j, p in enumerate(params) if p.min_p > 0.0]
+        temps, k_idx, kth, p_idx, top_p, m_idx, min_p = _upload(
+            logits.device,
+            _floats([p.temperature for p in params]),
+            _longs(k_rows),
+            _longs([params[j].top_k - 1 for j in k_rows]),
+            _longs(p_rows),
+            _floats([params[j].top_p for j in p_rows]),
+            _longs(m_rows),
+            _floats([params[j].min_p for j in m_rows]),
+        )
+        if any(p.temperature != 1.0 for p in params):
+            logits.div_(temps.unsqueeze(1))
+        if k_rows:
+            # One topk with the largest k serves every row; each row's own k-th value is its threshold.
+            k_max = max(params[j].top_k for j in k_rows)
+            _mask_below(logits, k_idx, lambda x: x.topk(k_max, dim=-1).values.gather(1, kth.unsqueeze(1)))
+        if p_rows:
+            _mask_below(logits, p_idx, lambda x: _top_p_threshold(x, top_p))
         if m_rows:
-            log_min_p = torch.tensor(
-                [params[j].min_p for j in m_rows], dtype=torch.float32, device=device
-            ).log()
-            with _RowSubset(logits, m_rows) as sub:
-                # p < min_p * p_max  <=>  logit < max_logit + log(min_p): no softmax needed.
-                threshold = sub.amax(dim=-1, keepdim=True) + log_min_p.unsqueeze(1)
-                sub.masked_fill_(sub < threshold, float("-inf"))
-
+            # p < min_p * p_max  <=>  logit < max_logit + log(min_p): no softmax needed.
+            _mask_below(logits, m_idx, lambda x: x.amax(dim=-1, keepdim=True) + min_p.log().unsqueeze(1))
         # Unnormalised probabilities suffice: the race takes an argmax, which a row-wise scale cannot change.
         probs = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
-        out = torch.empty(len(requests), dtype=torch.long, device=device)
-        unseeded = [j for j, p in enumerate(params) if p.seed is None]
+        return probs.div_(self._race_draws(probs, requests)).argmax(dim=-1)
+
+    def _race_draws(self, like: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Exp(1) draws shaped like `like`: one block from the shared generator for the unseeded rows (which
+        come first), then one row per seeded request from its own generator, on the same device."""
+        draws = torch.empty_like(like)
+        seeded = [r for r in requests if r.params.seed is not None]
+        unseeded = len(requests) - len(seeded)
         if unseeded:
-            with _RowSubset(probs, unseeded) as sub:
-                q = _exponential(torch.empty_like(sub), self._shared_generator(device))
-                out[_index(unseeded, device)] = sub.div_(q).argmax(dim=-1)
-        for j, req in enumerate(requests):
-            if req.params.seed is None:
-                continue
-            # Seeded draws are made on the CPU so a seed means the same tokens on every device.
-            q = _exponential(torch.empty(vocab), _request_generator(req)).to(device)
-            out[j] = (probs[j] / q).argmax()
-        return out
+            draws[:unseeded].uniform_(generator=self._shared_generator(like.device))
+        for row, request in zip(draws[unseeded:], seeded):
+            row.uniform_(generator=_request_generator(request, like.device))
+        return _exponential(draws)
 
     def _shared_generator(self, device: torch.device) -> torch.Generator | None:
         if self._seed is None:
@@ -131,13 +140,14 @@ class Sampler:
         return gen
 
 
-def _exponential(out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Fill `out` with Exp(1) draws as -log(1 - U): several times faster than Tensor.exponential_ on CPU.
+def _exponential(uniform: torch.Tensor) -> torch.Tensor:
+    """Turn U(0, 1) draws into Exp(1) ones in place, as -log(1 - U): several times faster than
+    Tensor.exponential_ on CPU, and one batched pass however many generators filled `uniform`.
 
     A draw of 0 would turn a masked token's p / q into NaN (0 / 0), so it is clamped to the tiniest float;
     a draw of +inf (U == 1 on some backends) only makes that token lose this race.
     """
-    return out.uniform_(generator=generator).neg_().log1p_().neg_().clamp_min_(_TINY)
+    return uniform.neg_().log1p_().neg_().clamp_min_(_TINY)
 
 
 def _has_penalty(params: SamplingParams) -> bool:
@@ -146,50 +156,77 @@ def _has_penalty(params: SamplingParams) -> bool:
     )
 
 
-def _index(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long, device=device)
+def _longs(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long)
 
 
-class _RowSubset:
-    """`with _RowSubset(x, rows) as sub:` edits rows of x in place: x itself when rows are all of x,
-    otherwise a gathered copy that is written back on exit (advanced indexing cannot give a view)."""
-
-    def __init__(self, tensor: torch.Tensor, rows: list[int]) -> None:
-        self._tensor = tensor
-        self._all = len(rows) == tensor.shape[0]  # rows are sorted and unique, so this means all of them
-        self._index = None if self._all else _index(rows, tensor.device)
-
-    def __enter__(self) -> torch.Tensor:
-        if self._index is None:
-            return self._tensor
-        self._sub = self._tensor[self._index]
-        return self._sub
-
-    def __exit__(self, *exc: object) -> None:
-        if self._index is not None:
-            self._tensor[self._index] = self._sub
+def _floats(values: list[float]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
 
 
-def _top_p_threshold(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def _upload(device: torch.device, *host: torch.Tensor) -> list[torch.Tensor]:
+    """The `host` tensors on `device`, moved with one copy per dtype.
+
+    On CUDA the copy is non-blocking from pinned memory: one from pageable memory synchronises the stream,
+    a wait for the device next to the one the step's result needs. The caching host allocator keeps the
+    pinned buffer alive until the copy has run.
+    """
+    if device.type == "cpu":
+        return list(host)
+    out = list(host)
+    for dtype in {t.dtype for t in host}:
+        idx = [i for i, t in enumerate(host) if t.dtype == dtype]
+        flat = [host[i].reshape(-1) for i in idx]
+        staged = torch.empty(sum(t.numel() for t in flat), dtype=dtype, pin_memory=device.type == "cuda")
+        moved = torch.cat(flat, out=staged).to(device, non_blocking=True)
+        for i, part in zip(idx, moved.split([t.numel() for t in flat])):
+            out[i] = part.view(host[i].shape)
+    return out
+
+
+def _mask_below(
+    logits: torch.Tensor, rows: torch.Tensor, threshold: Callable[[torch.Tensor], torch.Tensor]
+) -> None:
+    """Set to -inf, in the given (sorted, unique) rows, every logit below its row's threshold [R, 1], which
+    is computed on those rows only; the other rows get a threshold of -inf, so one masked_fill serves all."""
+    if rows.numel() == logits.shape[0]:
+        cut = threshold(logits)
+    else:
+        cut = torch.full((logits.shape[0], 1), _NEG_INF, device=logits.device)
+        cut.index_copy_(0, rows, threshold(logits[rows]))
+    logits.masked_fill_(logits < cut, _NEG_INF)
+
+
+def _top_p_threshold(
+    logits: torch.Tensor, top_p: torch.Tensor, tiers: Sequence[int] | None = None
+) -> torch.Tensor:
     """Per row, the smallest logit kept by nucleus filtering: tokens are kept, most likely first, until the
-    mass before the next one reaches top_p (so the top token always stays)."""
-    vocab = logits.shape[1]
+    mass before the next one reaches top_p (so the top token always stays).
+
+    A full sort of a 50k vocabulary dominates CPU sampling time, and the nucleus of a real model's
+    distribution lies within its top few hundred tokens, so on the CPU growing candidate sets (`tiers`) are
+    sorted first, re-trying only uncovered rows. Elsewhere each such re-try would wait for the device to say
+    which rows are covered, so one full sort serves every row (what `tiers=()` does on any device).
+    """
+    if tiers is None:
+        tiers = _CPU_TOP_P_TIERS if logits.device.type == "cpu" else ()
+    n, vocab = logits.shape
     lse = logits.logsumexp(dim=-1, keepdim=True)
     threshold = torch.empty_like(lse)
-    pending = torch.arange(logits.shape[0], device=logits.device)
-    # A full sort of a 50k vocabulary dominates sampling time, and the nucleus of a real model's distribution
-    # lies within its top few hundred tokens: sort growing candidate sets, re-trying only uncovered rows.
-    for k in (1024, 8192, vocab):
-        k = min(k, vocab)
-        rows = logits if len(pending) == logits.shape[0] else logits[pending]
-        values = rows.topk(k, dim=-1).values if k < vocab else rows.sort(dim=-1, descending=True).values
-        cut, covered = _nucleus_cut(values, lse[pending], top_p[pending])
-        if k == vocab:
-            covered.fill_(True)  # the whole vocabulary always covers the nucleus (up to rounding)
+    pending = torch.arange(n, device=logits.device)
+    for k in tiers:
+        if k >= vocab:
+            break
+        rows = logits if len(pending) == n else logits[pending]
+        cut, covered = _nucleus_cut(rows.topk(k, dim=-1).values, lse[pending], top_p[pending])
         threshold[pending[covered]] = cut[covered]
         pending = pending[~covered]
         if len(pending) == 0:
-            break
+            return threshold
+    if len(pending) == n:  # no tier ran, or none covered a row: no indexing, hence no sync, is needed
+        return _nucleus_cut(logits.sort(dim=-1, descending=True).values, lse, top_p)[0]
+    values = logits[pending].sort(dim=-1, descending=True).values
+    threshold[pending] = _nucleus_cut(values, lse[pending], top_p[pending])[0]
     return threshold
 
 
@@ -204,15 +241,15 @@ def _nucleus_cut(
     return sorted_logits.gather(1, keep - 1), covered
 
 
-def _request_generator(request: Request) -> torch.Generator:
-    """The request's generator, re-seeded from (seed, number of tokens sampled so far).
+def _request_generator(request: Request, device: torch.device) -> torch.Generator:
+    """The request's generator on `device`, re-seeded from (seed, number of tokens sampled so far).
 
     Deriving each step's stream from the request alone makes a seeded request reproducible wherever its steps
     run: the teacher's first token and the student's continuation in another process, or a request migrated
-    to another decode replica, draw exactly what one process would have drawn.
+    to another decode replica, draw exactly what one process would have drawn (on the same kind of device).
     """
-    if request.generator is None:
-        request.generator = torch.Generator()
+    if request.generator is None or request.generator.device != device:
+        request.generator = torch.Generator(device=device)
     seed = request.params.seed
     assert seed is not None
     step = len(request.output_token_ids)
@@ -220,75 +257,91 @@ def _request_generator(request: Request) -> torch.Generator:
     return request.generator
 
 
-def _token_pairs(
-    rows: list[int], token_lists: list[list[int]], vocab: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, column) index pairs of every token in every list, dropping ids outside [0, vocab)."""
-    lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.long)
-    cols = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long)
-    row_ids = torch.repeat_interleave(torch.tensor(rows, dtype=torch.long), lengths)
-    keep = (cols >= 0) & (cols < vocab)
-    return row_ids[keep].to(device), cols[keep].to(device)
-
-
 def _apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> None:
-    """Repetition penalty (HF) over prompt + output, then presence / frequency (OpenAI) over output only.
+    """Repetition penalty (HF) over prompt + output, then presence / frequency (OpenAI) over output only, in
+    place on the rows that ask for one (the others are not touched).
 
-    Both touch only the (row, token) pairs that occurred, so they cost O(tokens), not O(batch * vocab).
+    The token counts are built on the device from one padded [R, L] tensor of ids, so the work per token is a
+    copy, never a Python step, and nothing is read back.
     """
-    device = logits.device
-    vocab = logits.shape[1]
-
-    rep = [i for i, r in enumerate(requests) if r.params.repetition_penalty != 1.0]
-    if rep:
-        rows, cols = _token_pairs(rep, [requests[i].all_token_ids for i in rep], vocab, device)
-        penalty = torch.ones(len(requests), dtype=torch.float32, device=device)
-        penalty[_index(rep, device)] = torch.tensor(
-            [requests[i].params.repetition_penalty for i in rep], dtype=torch.float32, device=device
-        )
-        # Repeated tokens give duplicate pairs; every duplicate writes the same value computed from the
-        # original logit, so the penalty is applied once.
-        values = logits[rows, cols]
-        row_penalty = penalty[rows]
-        logits[rows, cols] = torch.where(values > 0, values / row_penalty, values * row_penalty)
-
-    pf = [
-        i
-        for i, r in enumerate(requests)
-        if (r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0) and r.output_token_ids
+    rows = [i for i, r in enumerate(requests) if _has_penalty(r.params)]
+    if not rows:
+        return
+    params = [requests[i].params for i in rows]
+    repetition = any(p.repetition_penalty != 1.0 for p in params)
+    occurrence = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
+    # Only the repetition penalty looks at the prompt; its ids come first in a row and are told apart below.
+    prompts = [
+        requests[i].prompt_token_ids if p.repetition_penalty != 1.0 else [] for i, p in zip(rows, params)
     ]
-    if pf:
-        rows, cols = _token_pairs(pf, [requests[i].output_token_ids for i in pf], vocab, device)
-        flat, counts = torch.unique(rows * vocab + cols, return_counts=True)
-        presence = torch.zeros(len(requests), dtype=torch.float32, device=device)
-        frequency = torch.zeros(len(requests), dtype=torch.float32, device=device)
-        idx = _index(pf, device)
-        presence[idx] = torch.tensor([requests[i].params.presence_penalty for i in pf], device=device)
-        frequency[idx] = torch.tensor([requests[i].params.frequency_penalty for i in pf], device=device)
-        row_of = flat // vocab
-        logits.view(-1)[flat] -= presence[row_of] + frequency[row_of] * counts.float()
+    ids = [_longs(prompt + requests[i].output_token_ids) for i, prompt in zip(rows, prompts)]
+    if max(len(t) for t in ids) == 0:
+        return  # nothing generated yet and no prompt to look at
+    padded = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=-1)
+    factors = _floats(
+        [v for p in params for v in (p.repetition_penalty, p.presence_penalty, p.frequency_penalty)]
+    )
+    idx, tokens, prompt_lens, factors = _upload(
+        logits.device, _longs(rows), padded, _longs([len(p) for p in prompts]), factors.view(-1, 3)
+    )
+    counts = _token_counts(tokens, prompt_lens, logits.shape[1], halves=2 if repetition else 1)
+    every_row = len(rows) == logits.shape[0]
+    sub = logits if every_row else logits[idx]
+    if repetition:
+        seen = counts.amax(dim=1) > 0  # in the output or the prompt
+        penalty = factors[:, 0:1]
+        sub = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
+    if occurrence:
+        out = counts[:, 0]
+        sub = sub - torch.where(out > 0, factors[:, 1:2] + factors[:, 2:3] * out, 0.0)
+    if every_row:
+        logits.copy_(sub)
+    else:
+        logits.index_copy_(0, idx, sub)
 
 
-def _logprobs(
-    raw: torch.Tensor, token_ids: torch.Tensor, ids: list[int], requests: Sequence[Request]
-) -> dict[int, TokenLogprob]:
-    """Log-probabilities under the raw logits (before penalties and temperature, as vLLM reports them)."""
+def _token_counts(tokens: torch.Tensor, prompt_lens: torch.Tensor, vocab: int, halves: int) -> torch.Tensor:
+    """[R, halves, V] int32 counts of the ids in `tokens` [R, L] (padded with -1) by one scatter_add: the
+    first prompt_lens[r] ids of row r (its prompt) count in half 1, the others (its output) in half 0.
+
+    Ids outside [0, V) (padding included) land in an extra column that is dropped.
+    """
+    width = vocab + 1
+    in_prompt = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0) < prompt_lens.unsqueeze(1)
+    cols = torch.where((tokens >= 0) & (tokens < vocab), tokens, vocab) + in_prompt * width
+    counts = torch.zeros(tokens.shape[0], halves * width, dtype=torch.int32, device=tokens.device)
+    counts.scatter_add_(1, cols, torch.ones_like(cols, dtype=torch.int32))
+    return counts.view(-1, halves, width)[:, :, :vocab]
+
+
+def _collect(raw: torch.Tensor, token_ids: torch.Tensor, requests: Sequence[Request]) -> list[SampledToken]:
+    """The step's one device->host copy: the token ids and, for the requests that asked, log-probabilities
+    under the raw logits (before penalties and temperature, as vLLM reports them), packed in one tensor.
+
+    float64 holds the float32 logprobs and the token ids (far below 2**53) exactly.
+    """
     wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
     if not wanted:
-        return {}
-    idx = _index(wanted, raw.device)
-    logp = torch.log_softmax(raw[idx], dim=-1)
-    chosen: list[float] = logp.gather(1, token_ids[idx].unsqueeze(1)).squeeze(1).tolist()
+        return [SampledToken(t, None) for t in token_ids.tolist()]
     ks = [requests[i].params.logprobs or 0 for i in wanted]
     k_max = min(max(ks), raw.shape[1])
-    top_vals: list[list[float]] = []
-    top_ids: list[list[int]] = []
+    if len(wanted) == len(requests):
+        logp, chosen = torch.log_softmax(raw, dim=-1), token_ids
+    else:
+        (rows,) = _upload(raw.device, _longs(wanted))
+        logp, chosen = torch.log_softmax(raw[rows], dim=-1), token_ids[rows]
+    parts = [token_ids, logp.gather(1, chosen.unsqueeze(1)).squeeze(1)]
     if k_max > 0:
         values, indices = logp.topk(k_max, dim=-1)
-        top_vals, top_ids = values.tolist(), indices.tolist()
-    out = {}
+        parts += [values.flatten(), indices.flatten()]
+    flat: list[float] = torch.cat([p.double() for p in parts]).tolist()
+
+    b, w = len(requests), len(wanted)
+    ids = [int(t) for t in flat[:b]]
+    top_values, top_ids = flat[b + w : b + w + w * k_max], flat[b + w + w * k_max :]
+    out = [SampledToken(t, None) for t in ids]
     for n, i in enumerate(wanted):
-        k = min(ks[n], k_max)
-        top = tuple(zip(top_ids[n][:k], top_vals[n][:k], strict=True)) if k else ()
-        out[i] = TokenLogprob(ids[i], chosen[n], top)
+        base, k = n * k_max, min(ks[n], k_max)
+        top = tuple((int(top_ids[base + j]), top_values[base + j]) for j in range(k))
+        out[i] = SampledToken(ids[i], TokenLogprob(ids[i], flat[b + n], top))
     return out
