@@ -1,8 +1,8 @@
 """Weight loading from a model directory in HF layout (single or sharded safetensors).
 
 The model is built on the meta device, so nothing is allocated until the checkpoint's tensors are placed;
-fused projections (qkv, gate_up) are concatenated here. Every missing, unexpected or mis-shaped tensor is
-named in one `WeightLoadError`.
+fused projections (qkv, gate_up) are concatenated here and, with `pad_to_multiple`, each tensor is zero-padded
+as it is placed (`padding.py`). Every missing, unexpected or mis-shaped tensor is named in one `WeightLoadError`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from overfill_serve.errors import ModelConfigError, WeightLoadError
 from overfill_serve.model.llama import CausalLM
+from overfill_serve.model.padding import checkpoint_shape, pad_parameter, padded_spec, unpadded_spec
 from overfill_serve.model.spec import ModelSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,12 +76,16 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     spec: ModelSpec | None = None,
+    pad_to_multiple: int | None = 0,
 ) -> CausalLM:
+    """The model in `model_dir`; `pad_to_multiple` > 0 zero-pads its hidden and intermediate sizes to that
+    multiple (same logits, faster GEMMs; `model.spec` is then a `PaddedModelSpec`)."""
     model_dir = Path(model_dir)
-    spec = spec or ModelSpec.from_dir(model_dir)
+    spec = unpadded_spec(spec or ModelSpec.from_dir(model_dir))
     torch_dtype, device = parse_dtype(dtype), torch.device(device)
+    padded = padded_spec(spec, pad_to_multiple)
     with torch.device("meta"):
-        model = CausalLM(spec)
+        model = CausalLM(padded)
     files = checkpoint_files(model_dir)
     sources = checkpoint_sources(spec)
     expected = {name for names in sources.values() for name in names}
@@ -98,17 +103,17 @@ def load_model(
 
     handles = {path: safe_open(str(path), framework="pt", device="cpu") for path in set(files.values())}
     state: dict[str, torch.Tensor] = {}
-    loaded: dict[str, torch.Tensor] = {}  # tied weights share one tensor
+    loaded: dict[str, torch.Tensor] = {}  # tied weights share one tensor (embedding and head pad alike)
     for ours, theirs in sources.items():
         key = ",".join(theirs)
         if key not in loaded:
             parts = [handles[files[n]].get_tensor(n) for n in theirs]
             tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-            want = tuple(params[ours].shape)
+            want = checkpoint_shape(ours, tuple(params[ours].shape), padded)
             if tuple(tensor.shape) != want:
                 problems.append(f"{'+'.join(theirs)} has shape {tuple(tensor.shape)}, expected {want}")
                 continue
-            loaded[key] = tensor.to(device=device, dtype=torch_dtype)
+            loaded[key] = pad_parameter(ours, tensor, padded).to(device=device, dtype=torch_dtype)
         state[ours] = loaded[key]
     if problems:
         raise WeightLoadError(f"{model_dir}: " + "; ".join(problems))

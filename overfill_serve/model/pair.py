@@ -73,11 +73,15 @@ class ModelPair:
         dtype: str,
         device: str | torch.device,
         block_size: int,
+        pad_to_multiple: int | None = 0,
     ) -> ModelPair:
+        """`pad_to_multiple` > 0 zero-pads both models' hidden and intermediate sizes at load time (exact; the
+        KV layout is unchanged, so the pair is checked on the checkpoints' own specs)."""
         teacher_spec, student_spec = ModelSpec.from_dir(teacher_dir), ModelSpec.from_dir(student_dir)
         # Check before loading any weights: a mismatched pair fails in milliseconds.
         layout = check_pair(teacher_spec, student_spec, kept_layers, dtype, block_size)
-        teacher = load_model(teacher_dir, dtype, device, teacher_spec)
-        same = Path(teacher_dir).resolve() == Path(student_dir).resolve()
-        student = teacher if same else load_model(student_dir, dtype, device, student_spec)
+        teacher = load_model(teacher_dir, dtype, device, teacher_spec, pad_to_multiple=pad_to_multiple)
+        student = teacher
+        if Path(teacher_dir).resolve() != Path(student_dir).resolve():
+            student = load_model(student_dir, dtype, device, student_spec, pad_to_multiple=pad_to_multiple)
         return cls(teacher, student, load_tokenizer(teacher_dir), layout)
