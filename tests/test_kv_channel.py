@@ -248,6 +248,53 @@ def test_abort_from_decode_side(workers):
     assert pool_full(decode.stats())
 
 
+class GatedReady:
+    """A layer's readiness the test controls: the CPU stand-in for a CUDA event the GPU has not reached."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.done_at: float | None = None
+
+    def synchronize(self) -> None:
+        assert self.gate.wait(10), "never released"
+        self.done_at = time.monotonic()
+
+
+def test_a_layer_is_read_only_once_its_kv_is_ready(workers):
+    """Layer-wise publishing hands the channel each layer as soon as its kernels are queued, with a handle
+    that says when they ran: no KV of a layer is read before that."""
+    prefill, decode = workers
+    expected = [t for o in decode.generate_from(prefill.submit(PROMPTS[2], GREEDY)) for t in o.token_ids]
+    ready: dict[int, GatedReady] = {}
+    publish, read = prefill.registry.layer_done, prefill.core.cache.block_bytes_parts
+    reads: list[tuple[int, float]] = []
+
+    def gated(transfer_id, layer, _ready=None):
+        publish(transfer_id, layer, ready.setdefault(layer, GatedReady()))
+
+    def recorded(layer, blocks):
+        reads.append((layer, time.monotonic()))
+        return read(layer, blocks)
+
+    prefill.registry.layer_done, prefill.core.cache.block_bytes_parts = gated, recorded
+    ticket = prefill.submit(PROMPTS[2], GREEDY)
+    tokens: list[int] = []
+    puller = threading.Thread(
+        target=lambda: tokens.extend(t for o in decode.generate_from(ticket) for t in o.token_ids)
+    )
+    puller.start()
+    wait_until(lambda: len(ready) == 4)  # the teacher's four layers computed (queued, on a GPU)
+    time.sleep(0.3)
+    assert reads == []
+    for layer in sorted(ready):
+        ready[layer].gate.set()
+        time.sleep(0.05)
+    puller.join(10)
+    assert tokens == expected
+    assert {layer for layer, _ in reads} == set(decode.layout.kept_layers)
+    assert all(at >= ready[layer].done_at for layer, at in reads)  # type: ignore[operator]
+
+
 def test_control_only_peer_aborts_but_cannot_pull(workers):
     """The ingress holds no model: its control-only channel (no layout) aborts a transfer, which frees the
     prefill side's blocks, and is refused the data plane."""

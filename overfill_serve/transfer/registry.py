@@ -15,6 +15,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from overfill_serve.errors import TransferAbortedError, TransferNotFoundError, TransferTimeoutError
 from overfill_serve.kv.block_pool import BlockPool
@@ -40,12 +41,20 @@ class Completion:
     logprob: TokenLogprob | None = None
 
 
+class Ready(Protocol):
+    """Completes when a layer's KV is really in memory: on a GPU, a CUDA event recorded after the layer's
+    kernels (which `layer_done` runs right after *queueing*)."""
+
+    def synchronize(self) -> None: ...
+
+
 @dataclass(eq=False)
 class Transfer:
     transfer_id: str
     request: Request
     state: TransferState = TransferState.PREFILLING
-    layers_done: set[int] = field(default_factory=set)  # teacher layers whose final KV is in the cache
+    # Teacher layers whose final KV is computed, or queued to be (then `Ready` says when it is).
+    layers_done: dict[int, Ready | None] = field(default_factory=dict)
     completion: Completion | None = None
     lease_deadline: float = float("inf")
     reason: str = ""
@@ -73,11 +82,11 @@ class TransferRegistry:
             self._transfers[transfer_id] = Transfer(transfer_id, request)
         return transfer_id
 
-    def layer_done(self, transfer_id: str, layer: int) -> None:
+    def layer_done(self, transfer_id: str, layer: int, ready: Ready | None = None) -> None:
         with self._cond:
             transfer = self._transfers.get(transfer_id)
             if transfer is not None:
-                transfer.layers_done.add(layer)
+                transfer.layers_done[layer] = ready
                 self._cond.notify_all()
 
     def complete(self, transfer_id: str, request: Request, completion: Completion) -> None:
@@ -96,8 +105,15 @@ class TransferRegistry:
 
     # -- channel side --------------------------------------------------------------------------------------
     def wait_layer(self, transfer_id: str, layer: int, timeout: float) -> Transfer:
-        """Block until `layer`'s KV is final (or the whole prefill is), within `timeout` seconds."""
-        return self._wait(transfer_id, timeout, lambda t: layer in t.layers_done or t.completion is not None)
+        """Block until `layer`'s KV is final and in memory (or the whole prefill is), within `timeout` seconds:
+        nobody reads a layer whose kernels are only queued (an RDMA read would see stale KV)."""
+        transfer = self._wait(
+            transfer_id, timeout, lambda t: layer in t.layers_done or t.completion is not None
+        )
+        ready = transfer.layers_done.get(layer)
+        if ready is not None:
+            ready.synchronize()  # outside the lock: only this reader waits
+        return transfer
 
     def wait_complete(self, transfer_id: str, timeout: float) -> Completion:
         transfer = self._wait(transfer_id, timeout, lambda t: t.completion is not None)

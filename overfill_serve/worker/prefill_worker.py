@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from overfill_serve.engine.batch import Batch
 from overfill_serve.engine.stage import Prefilled
 from overfill_serve.model.spec import KVLayout
@@ -130,11 +132,16 @@ class PrefillWorker(ModelWorker):
             )
 
     def _layer_done(self, batch: Batch, layer: int) -> None:
-        # Only a prompt's final chunk makes its KV final; earlier chunks are complete before it runs.
+        # Only a prompt's final chunk makes its KV final; earlier chunks are complete before it runs. On a GPU
+        # the layer's kernels are only queued: an event recorded now says when its KV is really there.
+        ready = None
         for seq in batch.seqs:
             transfer = self._transfer_of.get(seq.request_id)  # None: a local (full-mode) prefill
             if transfer is not None and seq.context_len == transfer[1]:
-                self.registry.layer_done(transfer[0], layer)
+                if ready is None and self.config.on_cuda:
+                    ready = torch.cuda.Event()
+                    ready.record()
+                self.registry.layer_done(transfer[0], layer, ready)
 
     def _abort_now(self, request_id: str) -> None:
         self._transfer_of.pop(request_id, None)
