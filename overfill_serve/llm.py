@@ -64,10 +64,11 @@ class LLM:
 
             prefill_model = default_model_dir()
         decode_model = decode_model if decode_model is not None else prefill_model
-        config = EngineConfig(**engine)
+        config = EngineConfig(**engine).resolved()
         self.pair = ModelPair.load(
-            prefill_model, decode_model, kept_layers, config.dtype, config.device, config.block_size
-        )
+            prefill_model, decode_model, kept_layers, config.dtype, config.device, config.block_size,
+            config.pad_to_multiple,
+        )  # fmt: skip
         self.tokenizer = self.pair.tokenizer
         layout = self.pair.layout
         all_layers = tuple(range(layout.num_teacher_layers))

@@ -29,7 +29,7 @@ def test_allocate_and_free():
 def test_cache_sized_from_budget_and_layer_views():
     bpb = PagedKVCache.bytes_per_block(4, 16, 2, 8, torch.float32)
     assert bpb == 4 * 2 * 16 * 2 * 8 * 4
-    n = EngineConfig(kv_cache_bytes=10 * bpb + bpb // 2).num_blocks(4, 2, 8)
+    n = EngineConfig(kv_cache_bytes=10 * bpb + bpb // 2).resolved().num_blocks(4, 2, 8)
     assert n == 10
     cache = PagedKVCache(4, n, 16, 2, 8, torch.float32)
     assert cache.nbytes == n * bpb
@@ -53,4 +53,28 @@ def test_engine_config_context_limit_and_validation():
         with pytest.raises(ModelConfigError, match=next(iter(bad))):
             EngineConfig(**bad)
     with pytest.raises(ModelConfigError, match="holds no block"):
-        EngineConfig(kv_cache_bytes=100).num_blocks(4, 2, 8)
+        EngineConfig(kv_cache_bytes=100).resolved().num_blocks(4, 2, 8)
+
+
+def test_engine_config_resolves_for_the_device():
+    """auto / None become what each device calls for; a CUDA graph cannot capture torch attention's syncs."""
+    cpu, gpu = EngineConfig().resolved(), EngineConfig(device="cuda").resolved()
+    assert (cpu.dtype, cpu.attention_backend, cpu.cuda_graphs, cpu.pad_to_multiple) == (
+        "float32",
+        "torch",
+        False,
+        0,
+    )
+    assert (gpu.dtype, gpu.attention_backend, gpu.cuda_graphs, gpu.pad_to_multiple) == (
+        "bfloat16",
+        "triton",
+        True,
+        64,
+    )
+    assert EngineConfig(device="cuda", attention_backend="torch").resolved().cuda_graphs is False
+    forced = EngineConfig(dtype="float16", attention_backend="triton", cuda_graphs=True, pad_to_multiple=128)
+    assert forced.resolved() == forced  # explicit settings stand
+    with pytest.raises(ModelConfigError, match="cuda_graphs needs attention_backend='triton'"):
+        EngineConfig(device="cuda", attention_backend="torch", cuda_graphs=True).resolved()
+    with pytest.raises(ModelConfigError, match="attention_backend"):
+        EngineConfig(attention_backend="flash")

@@ -16,6 +16,14 @@ PROMPTS = [
     [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22],
 ]
 MAX_TOKENS = 12
+# The portable CPU path, and the GPU path's defaults run on CPU (Triton kernels interpreted, the CUDA-graph
+# decode buffers without capture, padded weights) with a prefill budget that chunks prompts.
+ENGINES = {
+    "torch": {},
+    "gpu_path": dict(
+        attention_backend="triton", cuda_graphs=True, pad_to_multiple=64, max_num_batched_tokens=16
+    ),
+}
 
 
 def _check(outputs, references, kept=None):
@@ -26,10 +34,11 @@ def _check(outputs, references, kept=None):
         torch.testing.assert_close(ours, ref_logprobs, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("kind", PAIR_KINDS)
-def test_modes_match_transformers_reference(pairs, kind):
+def test_modes_match_transformers_reference(pairs, kind, engine):
     pair = pairs[kind]
-    llm = LLM(pair.teacher, pair.student, num_kv_blocks=128, block_size=4)
+    llm = LLM(pair.teacher, pair.student, num_kv_blocks=128, block_size=4, **ENGINES[engine])
     teacher, student = load_hf(pair.teacher), load_hf(pair.student)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
     kept = pair.kept_layers

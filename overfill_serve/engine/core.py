@@ -15,9 +15,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from overfill_serve.engine.batch import Batch
+import torch
+
+from overfill_serve.engine.batch import Batch, ScheduledSeq
 from overfill_serve.engine.config import EngineConfig
 from overfill_serve.engine.decode import DecodeEngine
+from overfill_serve.engine.decode_graphs import DecodeGraphs
 from overfill_serve.engine.output_processor import OutputProcessor, StepOutput
 from overfill_serve.engine.prefill import PrefillEngine
 from overfill_serve.engine.runner import ModelRunner
@@ -44,25 +47,38 @@ class EngineCore:
         models: Mapping[str, tuple[CausalLM, tuple[int, ...]]],
         on_prefill_layer: Callable[[Batch, int], None] | None = None,
     ) -> None:
-        """`models`: name -> (model, the cache layer each of its layers uses: a depth-pruned student's kept
-        layers). The pool holds every cache layer any model uses; all models share its geometry."""
+        """`config`: resolved (`EngineConfig.resolved`). `models`: name -> (model, the cache layer each of its
+        layers uses: a depth-pruned student's kept layers). The pool holds every cache layer any model uses;
+        all models share its geometry."""
+        assert config.attention_backend is not None, "an engine runs on a resolved EngineConfig"
         spec = next(iter(models.values()))[0].spec
         num_layers = 1 + max(max(kept) for _, kept in models.values())
-        num_blocks = config.num_blocks(num_layers, spec.num_kv_heads, spec.head_dim)
+        model_limit = min(m.spec.max_position_embeddings for m, _ in models.values())
+        peak = max(activation_peak(m, config, model_limit) for m, _ in models.values())
+        num_blocks = config.num_blocks(num_layers, spec.num_kv_heads, spec.head_dim, peak)
         self.cache = PagedKVCache(
             num_layers, num_blocks, config.block_size, spec.num_kv_heads, spec.head_dim,
             config.torch_dtype, config.device,
         )  # fmt: skip
         self.pool = BlockPool(num_blocks)
-        model_limit = min(m.spec.max_position_embeddings for m, _ in models.values())
         self.max_model_len = config.context_limit(model_limit, num_blocks)
         self.output = OutputProcessor(tokenizer, spec.eos_token_ids, self.max_model_len)
         self.swap = SwapSpace(self.cache, config.num_swap_blocks) if config.num_swap_blocks else None
         context = StageContext(self.pool, Sampler(), self.output, config)
-        runners = {name: ModelRunner(model, self.cache, kept) for name, (model, kept) in models.items()}
+        runners = {name: self._runner(model, kept, config) for name, (model, kept) in models.items()}
         self.prefill = {name: PrefillEngine(r, context, on_prefill_layer) for name, r in runners.items()}
         self.decode = {name: DecodeEngine(r, context, self.swap) for name, r in runners.items()}
         self._routes: dict[str, Route] = {}
+
+    def _runner(self, model: CausalLM, kept: tuple[int, ...], config: EngineConfig) -> ModelRunner:
+        backend = config.attention_backend or "torch"
+        graphs = None
+        if config.cuda_graphs:
+            kv = self.cache.layers(kept)
+            graphs = DecodeGraphs(
+                model, kv, config.block_size, config.max_num_seqs, self.max_model_len, backend, config.on_cuda
+            )
+        return ModelRunner(model, self.cache, kept, backend, graphs)
 
     # -- requests ----------------------------------------------------------------------------------------
     def add(self, request: Request, prefill: str, decode: str | None) -> None:
@@ -127,3 +143,31 @@ class EngineCore:
         self._routes.pop(request.request_id, None)
         self.output.release(request.request_id)
         return False
+
+
+def activation_peak(model: CausalLM, config: EngineConfig, model_limit: int) -> int:
+    """Bytes the model's steps need beyond the weights and the KV cache (0 off CUDA, or when the pool's size
+    is given): a prefill step of the full token budget, plus a decode step of max_num_seqs (a captured graph
+    keeps its activations in a pool of its own), each measured over a throwaway cache."""
+    if not config.on_cuda or config.num_kv_blocks is not None or config.kv_cache_bytes is not None:
+        return 0
+    spec, bs = model.spec, config.block_size
+    tokens = min(config.max_num_batched_tokens, model_limit - 1)
+    blocks = -(-max(tokens, config.max_num_seqs) // bs)
+    scratch = PagedKVCache(
+        spec.num_layers, blocks, bs, spec.num_kv_heads, spec.head_dim, config.torch_dtype, config.device
+    )
+    runner = ModelRunner(model, scratch, tuple(range(spec.num_layers)), config.attention_backend or "torch")
+    table = tuple(range(blocks))
+    prefill = Batch((ScheduledSeq("profile", (0,) * tokens, 0, table[: -(-tokens // bs)], True),))
+    decode = Batch(tuple(ScheduledSeq(f"d{i}", (0,), i, table, True) for i in range(config.max_num_seqs)))
+    peaks = []
+    for batch in (prefill, decode):
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        runner.run(batch)
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - before)
+    del scratch, runner
+    torch.cuda.empty_cache()
+    return sum(peaks)

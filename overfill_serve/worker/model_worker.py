@@ -44,8 +44,10 @@ class ModelWorker:
         **engine: Any,
     ) -> None:
         """`engine`: `EngineConfig` fields. `on_prefill_layer` runs after each layer of a prefill step."""
-        self.config = EngineConfig(**engine)
-        self.model = load_model(model_dir, self.config.dtype, self.config.device)
+        self.config = EngineConfig(**engine).resolved()
+        self.model = load_model(
+            model_dir, self.config.dtype, self.config.device, pad_to_multiple=self.config.pad_to_multiple
+        )
         spec = self.model.spec
         self.tokenizer = load_tokenizer(model_dir)
         models = {self.model_name: (self.model, tuple(range(spec.num_layers)))}
