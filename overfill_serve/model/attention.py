@@ -20,6 +20,7 @@ from functools import cached_property
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 BACKENDS = ("triton", "torch")
 
@@ -94,13 +95,8 @@ def paged_attention(
 
 
 def _torch_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    meta: AttentionMetadata,
-) -> torch.Tensor:
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata
+) -> Tensor:
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     flat_k = k_cache.view(-1, num_kv_heads, head_dim)
     flat_v = v_cache.view(-1, num_kv_heads, head_dim)

@@ -101,8 +101,8 @@ class RandomModel:
     checkpoints do. `shard=True` writes several safetensors files plus model.safetensors.index.json.
     """
 
-    model_type: str = "llama"
-    hidden_size: int = 64
+    model_type: str = "llama"  # or "qwen2"
+    hidden_size: int = 64  # tiny by default: a test builds one in a second
     intermediate_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -133,23 +133,23 @@ class RandomModel:
     def build(self, vocab_size: int) -> PreTrainedModel:
         """The transformers model, its weights drawn as the class docstring says."""
         rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": float(self.rope_theta)}
-        config: dict[str, Any] = dict(
-            vocab_size=vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_heads,
-            num_key_value_heads=self.num_kv_heads,
-            head_dim=self.head_dim or self.hidden_size // self.num_heads,
-            max_position_embeddings=self.max_position_embeddings,
-            rms_norm_eps=self.rms_norm_eps,
-            rope_parameters=rope,
-            tie_word_embeddings=self.tie_word_embeddings,
-            bos_token_id=ENDOFTEXT_ID,
-            eos_token_id=self.eos_token_id,
-            pad_token_id=ENDOFTEXT_ID,
-            initializer_range=self.init_std,
-        )
+        config: dict[str, Any] = {
+            "vocab_size": vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim or self.hidden_size // self.num_heads,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": rope,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": ENDOFTEXT_ID,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": ENDOFTEXT_ID,
+            "initializer_range": self.init_std,
+        }
         if self.model_type == "llama":
             model: PreTrainedModel = LlamaForCausalLM(
                 LlamaConfig(attention_bias=self.attention_bias, **config)
