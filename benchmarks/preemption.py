@@ -20,7 +20,7 @@ import torch
 from bench_common import command_line, corpus_token_ids, cpu_name, make_workload, utc_date
 
 from overfill_serve import LLM, SamplingParams
-from overfill_serve.engine.stage import blocks_for
+from overfill_serve.kv.paged_cache import blocks_for
 from overfill_serve.tokenizer import load_tokenizer
 from overfill_serve.tools.default_model import default_model_dir
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from overfill_serve.model.prune import prune_model
 from overfill_serve.model.random_model import make_random_model
@@ -18,6 +22,37 @@ LLAMA3_ROPE = {
     "original_max_position_embeddings": 32,
 }
 CALIBRATION_TOKENS = 256
+# The released 3B -> 1B OverFill decoder's config.json (hidden 1689 with 24 heads: transformers refuses it).
+RELEASED_DECODER = {
+    "model_type": "llama",
+    "hidden_size": 1689,
+    "intermediate_size": 4505,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 24,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "rope_theta": 500000.0,
+    "eos_token_id": [128001, 128008, 128009],
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+}
+
+
+def edited_checkpoint(src: Path, dst: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    """A copy of the model directory `src` whose weights `edit` changes in place."""
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(dst / "model.safetensors"))
+    return dst
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
-from safetensors.torch import load_file, save_file
+from conftest import edited_checkpoint
 
 from overfill_serve import LLM, SamplingParams
 from overfill_serve.errors import InvalidRequestError, ModelConfigError, PairMismatchError, WeightLoadError
@@ -88,12 +87,11 @@ def test_mismatched_pair_lists_every_field(tmp_path, width_pair):
 
 
 def test_missing_and_unexpected_weights(tmp_path, width_pair):
-    broken = tmp_path / "broken"
-    shutil.copytree(width_pair.student, broken)
-    tensors = load_file(str(broken / "model.safetensors"))
-    del tensors["model.layers.1.mlp.down_proj.weight"]
-    tensors["model.layers.9.extra.weight"] = tensors["model.norm.weight"].clone()
-    save_file(tensors, str(broken / "model.safetensors"))
+    def edit(tensors):
+        del tensors["model.layers.1.mlp.down_proj.weight"]
+        tensors["model.layers.9.extra.weight"] = tensors["model.norm.weight"].clone()
+
+    broken = edited_checkpoint(width_pair.student, tmp_path / "broken", edit)
     with pytest.raises(WeightLoadError) as e:
         LLM(width_pair.teacher, broken, num_kv_blocks=8)
     assert "missing tensor model.layers.1.mlp.down_proj.weight" in str(e.value)
@@ -101,11 +99,10 @@ def test_missing_and_unexpected_weights(tmp_path, width_pair):
 
 
 def test_wrong_shape_and_no_weights(tmp_path, width_pair):
-    broken = tmp_path / "shape"
-    shutil.copytree(width_pair.student, broken)
-    tensors = load_file(str(broken / "model.safetensors"))
-    tensors["model.norm.weight"] = tensors["model.norm.weight"][:-1].clone()
-    save_file(tensors, str(broken / "model.safetensors"))
+    name = "model.norm.weight"
+    broken = edited_checkpoint(
+        width_pair.student, tmp_path / "shape", lambda t: t.update({name: t[name][:-1]})
+    )
     with pytest.raises(WeightLoadError, match=r"model.norm.weight has shape \(41,\), expected \(42,\)"):
         load_model(broken)
     (broken / "model.safetensors").unlink()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import RELEASED_DECODER
 from reference import load_hf
 
 from overfill_serve.engine.batch import Batch, ScheduledSeq
@@ -90,28 +91,7 @@ def test_bf16_load(pairs):
 
 def test_spec_reads_released_decoder_shape():
     """The released 3B -> 1B OverFill decoder config (hidden 1689, 24 heads) that transformers refuses."""
-    spec = ModelSpec.from_config(
-        {
-            "model_type": "llama",
-            "hidden_size": 1689,
-            "intermediate_size": 4505,
-            "num_hidden_layers": 28,
-            "num_attention_heads": 24,
-            "num_key_value_heads": 8,
-            "head_dim": 128,
-            "vocab_size": 128256,
-            "tie_word_embeddings": True,
-            "rope_theta": 500000.0,
-            "eos_token_id": [128001, 128008, 128009],
-            "rope_scaling": {
-                "rope_type": "llama3",
-                "factor": 32.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192,
-            },
-        }
-    )
+    spec = ModelSpec.from_config(RELEASED_DECODER)
     assert (spec.hidden_size, spec.num_heads, spec.head_dim, spec.num_kv_heads) == (1689, 24, 128, 8)
     assert spec.rope.scaling_type == "llama3" and spec.rope.factor == 32.0 and spec.rope.theta == 500000.0
     assert spec.eos_token_ids == (128001, 128008, 128009)

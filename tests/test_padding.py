@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from conftest import RELEASED_DECODER, edited_checkpoint
 
 from overfill_serve.engine.batch import Batch, ScheduledSeq
 from overfill_serve.engine.runner import ModelRunner
@@ -28,32 +27,20 @@ STEPS = 10
 BLOCK_SIZE = 4
 TABLE = (9, 3, 14, 0, 7, 11, 2)  # scattered blocks, enough for PROMPT + STEPS
 
-RELEASED_DECODER = {  # the released 3B -> 1B OverFill decoder's sizes
-    "model_type": "llama",
-    "hidden_size": 1689,
-    "intermediate_size": 4505,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 24,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "vocab_size": 128256,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": True,
-}
-
 
 def _with_mlp_bias(src: Path, dst: Path) -> Path:
     """A copy of `src` with non-zero gate/up/down biases (no model family we build has them)."""
-    shutil.copytree(src, dst)
-    config = json.loads((dst / "config.json").read_text())
-    (dst / "config.json").write_text(json.dumps({**config, "mlp_bias": True}))
-    tensors = load_file(str(dst / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
     gen = torch.Generator().manual_seed(1)
-    for i in range(config["num_hidden_layers"]):
-        for proj in ("gate", "up", "down"):
-            rows = tensors[f"model.layers.{i}.mlp.{proj}_proj.weight"].shape[0]
-            tensors[f"model.layers.{i}.mlp.{proj}_proj.bias"] = torch.randn(rows, generator=gen) * 0.2
-    save_file(tensors, str(dst / "model.safetensors"))
+
+    def add_biases(tensors: dict[str, torch.Tensor]) -> None:
+        for i in range(config["num_hidden_layers"]):
+            for proj in ("gate", "up", "down"):
+                rows = tensors[f"model.layers.{i}.mlp.{proj}_proj.weight"].shape[0]
+                tensors[f"model.layers.{i}.mlp.{proj}_proj.bias"] = torch.randn(rows, generator=gen) * 0.2
+
+    edited_checkpoint(src, dst, add_biases)
+    (dst / "config.json").write_text(json.dumps({**config, "mlp_bias": True}))
     return dst
 
 
@@ -200,10 +187,9 @@ def test_bf16_norm_scaling_is_computed_in_float32(width_pair):
 
 
 def test_mis_shaped_tensor_is_named_with_its_checkpoint_shape(tmp_path, width_pair):
-    broken = tmp_path / "shape"
-    shutil.copytree(width_pair.student, broken)
-    tensors = load_file(str(broken / "model.safetensors"))
-    tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"][:-1].clone()
-    save_file(tensors, str(broken / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    broken = edited_checkpoint(
+        width_pair.student, tmp_path / "shape", lambda t: t.update({name: t[name][:-1]})
+    )
     with pytest.raises(WeightLoadError, match=r"up_proj.weight has shape \(159, 42\), expected \(160, 42\)"):
         load_model(broken, pad_to_multiple=64)

@@ -27,7 +27,7 @@ from overfill_serve.engine.runner import ModelRunner
 from overfill_serve.engine.sampler import SampledToken, Sampler
 from overfill_serve.engine.stage import Prefilled, StageContext, StageEngine, StepResult
 from overfill_serve.kv.block_pool import BlockPool
-from overfill_serve.kv.paged_cache import PagedKVCache
+from overfill_serve.kv.paged_cache import PagedKVCache, blocks_for
 from overfill_serve.kv.swap_space import SwapSpace
 from overfill_serve.model.llama import CausalLM
 from overfill_serve.request import Request
@@ -153,13 +153,13 @@ def activation_peak(model: CausalLM, config: EngineConfig, model_limit: int) -> 
         return 0
     spec, bs = model.spec, config.block_size
     tokens = min(config.max_num_batched_tokens, model_limit - 1)
-    blocks = -(-max(tokens, config.max_num_seqs) // bs)
+    blocks = blocks_for(max(tokens, config.max_num_seqs), bs)
     scratch = PagedKVCache(
         spec.num_layers, blocks, bs, spec.num_kv_heads, spec.head_dim, config.torch_dtype, config.device
     )
     runner = ModelRunner(model, scratch, tuple(range(spec.num_layers)), config.attention_backend or "torch")
     table = tuple(range(blocks))
-    prefill = Batch((ScheduledSeq("profile", (0,) * tokens, 0, table[: -(-tokens // bs)], True),))
+    prefill = Batch((ScheduledSeq("profile", (0,) * tokens, 0, table[: blocks_for(tokens, bs)], True),))
     decode = Batch(tuple(ScheduledSeq(f"d{i}", (0,), i, table, True) for i in range(config.max_num_seqs)))
     peaks = []
     for batch in (prefill, decode):

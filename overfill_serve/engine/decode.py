@@ -19,7 +19,8 @@ from overfill_serve.engine.batch import Batch, ScheduledSeq
 from overfill_serve.engine.output_processor import StepOutput
 from overfill_serve.engine.runner import ModelRunner
 from overfill_serve.engine.sampler import SampledToken
-from overfill_serve.engine.stage import StageContext, StageEngine, StepResult, blocks_for
+from overfill_serve.engine.stage import StageContext, StageEngine, StepResult
+from overfill_serve.kv.paged_cache import blocks_for
 from overfill_serve.kv.swap_space import SwapSpace
 from overfill_serve.request import Request, RequestStatus
 

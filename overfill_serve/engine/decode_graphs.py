@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from overfill_serve.engine.batch import Batch
+from overfill_serve.kv.paged_cache import blocks_for
 from overfill_serve.model.attention import AttentionMetadata
 from overfill_serve.model.llama import CausalLM
 
@@ -45,7 +46,7 @@ class DecodeGraphs:
     ) -> None:
         self.model, self.kv, self.block_size, self.backend = model, kv, block_size, backend
         self.buckets = buckets(max_num_seqs)
-        width = -(-max_model_len // block_size)  # block-table columns: the longest context's blocks
+        width = blocks_for(max_model_len, block_size)  # block-table columns: the longest context's
         rows, device, pinned = self.buckets[-1], model.device, model.device.type == "cuda"
         self._fields_end = len(PADDING) * rows
         self.buffer = torch.zeros(self._fields_end + rows * width, dtype=torch.int32, device=device)
@@ -81,7 +82,7 @@ class DecodeGraphs:
         fields[:, :b] = np.array(PADDING)[:, None]
         for i, s in enumerate(batch.seqs):
             pos = s.context_len - 1
-            blocks = -(-s.context_len // self.block_size)
+            blocks = blocks_for(s.context_len, self.block_size)
             slot = s.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
             fields[:, i] = (s.token_ids[0], pos, slot, s.context_len)
             tables[i, :blocks] = s.block_table[:blocks]

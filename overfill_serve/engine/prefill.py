@@ -17,7 +17,8 @@ import torch
 
 from overfill_serve.engine.batch import Batch, ScheduledSeq
 from overfill_serve.engine.runner import ModelRunner
-from overfill_serve.engine.stage import Prefilled, StageContext, StageEngine, StepResult, blocks_for
+from overfill_serve.engine.stage import Prefilled, StageContext, StageEngine, StepResult
+from overfill_serve.kv.paged_cache import blocks_for
 from overfill_serve.request import Request, RequestStatus
 
 

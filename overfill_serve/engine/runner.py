@@ -15,7 +15,7 @@ import torch
 
 from overfill_serve.engine.batch import Batch
 from overfill_serve.engine.decode_graphs import DecodeGraphs
-from overfill_serve.kv.paged_cache import PagedKVCache
+from overfill_serve.kv.paged_cache import PagedKVCache, blocks_for
 from overfill_serve.model.attention import AttentionMetadata
 from overfill_serve.model.llama import CausalLM
 
@@ -48,10 +48,10 @@ class ModelRunner:
         q_lens = np.array([len(s.token_ids) for s in seqs], dtype=np.int64)
         ctx_lens = np.array([s.context_len for s in seqs], dtype=np.int64)
         positions = np.concatenate([np.arange(s.start, s.context_len) for s in seqs])
-        width = int(-(-ctx_lens.max() // bs))
+        width = blocks_for(int(ctx_lens.max()), bs)
         tables = np.zeros((len(seqs), width), dtype=np.int64)
         for i, s in enumerate(seqs):
-            n = -(-s.context_len // bs)
+            n = blocks_for(s.context_len, bs)
             tables[i, :n] = s.block_table[:n]
         rows = np.repeat(np.arange(len(seqs)), q_lens)
         slots = tables[rows, positions // bs] * bs + positions % bs

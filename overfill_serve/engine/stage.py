@@ -15,10 +15,6 @@ from overfill_serve.kv.block_pool import BlockPool
 from overfill_serve.request import FinishReason, Request, RequestStatus
 
 
-def blocks_for(num_tokens: int, block_size: int) -> int:
-    return -(-num_tokens // block_size)
-
-
 @dataclass(frozen=True)
 class Prefilled:
     """A request whose prompt KV is complete, with the first token the prefill model sampled (None when the

@@ -8,6 +8,11 @@ import numpy as np
 import torch
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks that hold `num_tokens` tokens."""
+    return -(-num_tokens // block_size)
+
+
 class PagedKVCache:
     def __init__(
         self,

@@ -19,8 +19,8 @@ from typing import Any
 
 from overfill_serve.engine.output_processor import StepOutput
 from overfill_serve.engine.sampler import SampledToken
-from overfill_serve.engine.stage import blocks_for
 from overfill_serve.errors import OutOfBlocksError
+from overfill_serve.kv.paged_cache import blocks_for
 from overfill_serve.model.spec import KeptLayers, KVLayout
 from overfill_serve.request import Request, RequestStatus
 from overfill_serve.transfer.channel import KVChannel, TransferStats
