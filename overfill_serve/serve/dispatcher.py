@@ -12,7 +12,9 @@ error, never a hang.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -41,6 +43,7 @@ class Dispatcher:
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, mode: Mode, request_id: str
     ) -> AsyncIterator[StepOutput]:
+        _own_serve_request()
         if mode is Mode.OVERFILL:
             async for out in self._overfill(prompt_token_ids, params, request_id):
                 yield out
@@ -94,3 +97,14 @@ class Dispatcher:
                 log.warning("request %s: prefill replica died (%s); retrying", request_id, type(e).__name__)
                 last: Exception = e
         raise ServiceUnavailableError(f"no prefill replica could take request {request_id}: {last}")
+
+
+def _own_serve_request() -> None:
+    """Give the handle calls of this task (one choice of a request) a Serve request id of their own. Serve's
+    handles inherit the incoming request's internal id and its request router keeps one pending entry per
+    id, so the n choices of one HTTP request would collide there: all but one wait until they time out."""
+    from ray.serve import context
+
+    current = context._get_serve_request_context()
+    fresh = dataclasses.replace(current, _internal_request_id=uuid.uuid4().hex)
+    context._serve_request_context.set(fresh)  # type: ignore[arg-type]
