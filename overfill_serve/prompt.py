@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 Prompt = str | list[int]
 Message = dict[str, str]
+# The chat roles every API accepts, as the chat template gets them: "developer" is what newer OpenAI clients
+# send in place of "system".
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,14 @@ class PromptEncoder:
             raise InvalidRequestError(
                 "messages must be a non-empty list of {role, content} objects", field="messages"
             )
-        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        for i, m in enumerate(messages):
+            if m["role"] not in CHAT_ROLES:
+                field = f"messages[{i}].role"
+                raise InvalidRequestError(
+                    f"{field} must be one of {', '.join(CHAT_ROLES)}, got {m['role']!r}", field=field
+                )
+        rendered = [{"role": CHAT_ROLES[m["role"]], "content": m["content"]} for m in messages]
+        text = self.tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False)
         return self.check(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), "messages")
 
     def check(self, token_ids: Sequence[int], field: str = "prompt") -> list[int]:

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from overfill_serve.errors import InvalidRequestError
+
+FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,9 @@ class SamplingParams:
         def bad(name: str, why: str) -> InvalidRequestError:
             return InvalidRequestError(f"{name} {why}, got {getattr(self, name)!r}", field=name)
 
+        for name in FLOAT_FIELDS:  # NaN passes every comparison below
+            if not math.isfinite(getattr(self, name)):
+                raise bad(name, "must be a finite number")
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise bad("max_tokens", "must be a positive integer")
         if self.temperature < 0:

@@ -256,7 +256,11 @@ def test_prompts():
         (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[3, 512])), "prompt"),  # past the vocabulary
         (pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(range(64)))), "prompt"),  # no room to generate
         (pb.GenerateRequest(chat=pb.Chat()), "messages"),
-        (pb.GenerateRequest(chat=pb.Chat(messages=[pb.Message(content="hi")])), "messages"),
+        (pb.GenerateRequest(chat=pb.Chat(messages=[pb.Message(content="hi")])), "messages[0].role"),
+        (
+            pb.GenerateRequest(chat=pb.Chat(messages=[pb.Message(role="banana", content="hi")])),
+            "messages[0].role",
+        ),
     ],
 )
 def test_bad_prompts(request_, field):

@@ -58,7 +58,7 @@ def expect_400(call, param: str | None) -> ApiError:
     error = from_exception(info.value)
     assert (error.status, error.type, error.param) == (400, "invalid_request_error", param)
     assert error.to_json()["error"]["param"] == param
-    return info.value
+    return error
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -122,11 +122,17 @@ BAD_CHAT: list[tuple[dict[str, Any], str | None]] = [
     [(CompletionRequest, completion_body(**kw), p) for kw, p in BAD_COMPLETION]
     + [(ChatCompletionRequest, chat_body(**kw), p) for kw, p in BAD_CHAT],
 )
-def test_bad_parameter_is_a_400_naming_it(cls, body, param, as_json):
+def test_bad_parameter_is_a_400_naming_it(cls, body, param, as_json, tok):
     if param is None:  # an unsupported content part: the deepest path names its type
         param = "messages[0].content[0].type"
     raw = json.dumps(body).encode() if as_json else body
-    err = expect_400(lambda: choice_sampling_params(parse_request(cls, raw)), param)
+
+    def prepare() -> None:  # what the ingress does with a body
+        request = parse_request(cls, raw)
+        choice_sampling_params(request)
+        encode_prompt(request, PromptEncoder(tok, len(tok), 4096))
+
+    err = expect_400(prepare, param)
     assert param.split("[")[0].split(".")[0] in err.message
 
 
@@ -163,7 +169,7 @@ def test_valid_requests_and_defaults():
         ),
     )
     assert chat.template_messages() == [
-        {"role": "system", "content": "Be brief."},
+        {"role": "developer", "content": "Be brief."},
         {"role": "user", "content": "a\nb"},
     ]
     p = to_sampling_params(chat)
@@ -190,6 +196,10 @@ def test_encode_prompt(tok):
     chat = parse_request(ChatCompletionRequest, chat_body())
     ids = encode_prompt(chat, prompts)
     assert tok.decode(ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    developer = parse_request(
+        ChatCompletionRequest, chat_body(messages=[{"role": "developer", "content": "x"}])
+    )
+    assert tok.decode(encode_prompt(developer, prompts)).startswith("<|im_start|>system\nx")
     text = parse_request(CompletionRequest, completion_body(prompt="Hello world"))
     assert encode_prompt(text, prompts) == tok("Hello world")["input_ids"]
     ids_req = parse_request(CompletionRequest, completion_body(prompt=[3, 4, len(tok)]))

@@ -7,14 +7,13 @@ Model ids resolve through `model_names.resolve_model` (an empty id is the pair's
 
 from __future__ import annotations
 
-import math
 import uuid
 
 from overfill_serve._proto.overfill.v1 import generate_pb2 as pb
 from overfill_serve.errors import InvalidRequestError
 from overfill_serve.prompt import PromptEncoder
 from overfill_serve.request import Mode
-from overfill_serve.sampling_params import SamplingParams
+from overfill_serve.sampling_params import FLOAT_FIELDS, SamplingParams
 from overfill_serve.serve.model_names import resolve_model
 
 MODE_TO_PROTO = {Mode.OVERFILL: pb.MODE_OVERFILL, Mode.FULL: pb.MODE_FULL, Mode.PRUNED: pb.MODE_PRUNED}
@@ -22,14 +21,6 @@ MODE_FROM_PROTO = {v: k for k, v in MODE_TO_PROTO.items()}
 
 # SamplingOptions fields with proto3 presence: absent means SamplingParams' default.
 _OPTIONAL_INTS = ("max_tokens", "top_k", "seed", "logprobs")
-_OPTIONAL_FLOATS = (
-    "temperature",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-)
 MAX_REQUEST_ID_LEN = 256
 
 
@@ -55,10 +46,7 @@ def prompt_from_request(request: pb.GenerateRequest, prompts: PromptEncoder) -> 
     if kind == "token_ids":
         return prompts.check(list(request.token_ids.ids))
     if kind == "chat":
-        messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-        if any(not m["role"] for m in messages):
-            raise InvalidRequestError("every chat message needs a role", field="messages")
-        return prompts.chat(messages)
+        return prompts.chat([{"role": m.role, "content": m.content} for m in request.chat.messages])
     raise InvalidRequestError("the request has no prompt: set text, token_ids or chat", field="prompt")
 
 
@@ -83,12 +71,9 @@ def params_from_proto(options: pb.SamplingOptions | None) -> SamplingParams:
     for name in _OPTIONAL_INTS:
         if options.HasField(name):
             kwargs[name] = int(getattr(options, name))
-    for name in _OPTIONAL_FLOATS:
+    for name in FLOAT_FIELDS:
         if options.HasField(name):
-            value = float(getattr(options, name))
-            if not math.isfinite(value):
-                raise InvalidRequestError(f"{name} must be a finite number, got {value}", field=name)
-            kwargs[name] = value
+            kwargs[name] = float(getattr(options, name))
     if options.HasField("skip_special_tokens"):
         kwargs["skip_special_tokens"] = options.skip_special_tokens
     if any(t < 0 for t in options.stop_token_ids):

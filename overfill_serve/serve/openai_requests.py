@@ -25,7 +25,7 @@ from pydantic import (
 
 from overfill_serve.errors import InvalidRequestError
 from overfill_serve.prompt import PromptEncoder
-from overfill_serve.sampling_params import SamplingParams
+from overfill_serve.sampling_params import FLOAT_FIELDS, SamplingParams
 from overfill_serve.serve.openai_errors import ApiError, from_validation_errors
 
 MAX_N = 8
@@ -34,15 +34,7 @@ MAX_TOP_LOGPROBS = 20
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # Chat has no default limit in OpenAI: generation runs to the context limit, where the engine stops anyway.
 UNBOUNDED_MAX_TOKENS = 2**31 - 1
-_OPTIONAL_SAMPLING = [
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-]
+_OPTIONAL_SAMPLING = (*FLOAT_FIELDS, "top_k")
 
 
 # -------------------------------------------------------------------------------------------------- requests
@@ -141,14 +133,13 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    # "developer" is what newer clients send in place of "system".
-    role: Literal["system", "developer", "user", "assistant"]
+    role: StrictStr  # checked (and "developer" mapped) by the PromptEncoder, as for gRPC
     content: StrictStr | list[TextPart]
     name: StrictStr | None = None  # accepted and ignored
 
     def as_template_dict(self) -> dict[str, str]:
         text = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        return {"role": self.role, "content": text}
 
 
 class ChatCompletionRequest(_Request):
@@ -179,7 +170,7 @@ class ChatCompletionRequest(_Request):
         return self
 
     def template_messages(self) -> list[dict[str, str]]:
-        """Messages as the chat template expects them: plain-string content, `developer` as `system`."""
+        """Messages with plain-string content, for `PromptEncoder.chat`."""
         return [m.as_template_dict() for m in self.messages]
 
 
