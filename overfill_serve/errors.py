@@ -41,6 +41,19 @@ class ModelNotFoundError(InvalidRequestError):
         self.model, self.available = model, list(available)
 
 
+class RequestTooLargeError(InvalidRequestError):
+    """The request is over the configured size limit (`max_request_bytes`): HTTP 413, gRPC RESOURCE_EXHAUSTED."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"the request has {size} bytes; the limit is {limit} (max_request_bytes)")
+        self.size, self.limit = size, limit
+
+
+class ApplicationNotFoundError(InvalidRequestError):
+    """A gRPC call's `application` metadata names another Serve application than the one it reached: gRPC
+    NOT_FOUND (Ray Serve routes every call to the only application there is, whatever it names)."""
+
+
 class UnauthenticatedError(OverfillError):
     """Missing or wrong API key: HTTP 401, gRPC UNAUTHENTICATED."""
 

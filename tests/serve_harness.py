@@ -13,13 +13,19 @@ from kv_helpers import wait_until  # noqa: F401 (re-exported for the serve tests
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "cluster" / "config.yaml"
-HTTP_PORT, GRPC_PORT = 18000, 19000  # not the config's 8000/9000: a `serve run` smoke test may hold those
+# Not the config's 8000/9000: a `serve run` smoke test may hold those. Two test runs on one machine: move one.
+HTTP_PORT = int(os.environ.get("OVERFILL_TEST_HTTP_PORT", "18000"))
+GRPC_PORT = int(os.environ.get("OVERFILL_TEST_GRPC_PORT", "19000"))
 
 
 def load_app_config(path: Path = CONFIG) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the whole Serve config, its first application)."""
     config = yaml.safe_load(path.read_text())
     return config, config["applications"][0]
+
+
+# The tests' HTTP proxy listens on loopback, but Ray Serve's gRPC proxy on every interface: say so.
+TEST_EXPOSURE = {"allow_unauthenticated": True}
 
 
 def pair_args(pair: Any, app: str, **overrides: Any) -> dict[str, Any]:
@@ -86,7 +92,7 @@ def deploy_config(
         "name": name,
         "route_prefix": "/",
         "import_path": "overfill_serve.serve.app:build_app",
-        "args": args,
+        "args": {**TEST_EXPOSURE, **args},
         "deployments": deployments,
     }
     _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]), _blocking=True)
@@ -113,7 +119,7 @@ def run_app(
         http_options={"host": "127.0.0.1", "port": HTTP_PORT},
         grpc_options=gRPCOptions(port=GRPC_PORT, grpc_servicer_functions=grpc_functions),
     )
-    app = build_app_with(ServeConfig.from_args(args), options)
+    app = build_app_with(ServeConfig.from_args({**TEST_EXPOSURE, **args}), options)
     _run(app, name=name, route_prefix=route_prefix, _blocking=wait_running)
 
 

@@ -6,6 +6,7 @@ field); an engine field at the top level of `args` applies to both pools, a sect
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from dataclasses import dataclass, field, fields
@@ -46,6 +47,8 @@ class ServeConfig:
     max_migrations: int = 2  # re-prefill + continue elsewhere when a decode replica dies or preempts
     pool_check_period_s: float = 5.0  # how often the ingress re-reads the pools' replicas and placement
     api_key: str | None = None  # Bearer token for the HTTP and gRPC APIs; None: $OVERFILL_API_KEY or open
+    allow_unauthenticated: bool = False  # serve without an API key although the APIs reach the network
+    max_request_bytes: int = 4 << 20  # a larger HTTP body or gRPC request: 413 / RESOURCE_EXHAUSTED
     transfer: dict[str, Any] = field(default_factory=dict)  # TransferConfig fields
 
     @classmethod
@@ -75,6 +78,19 @@ class ServeConfig:
             **args, prefill=engines["prefill"], decode=engines["decode"], transfer=transfer, api_key=api_key
         )
 
+    def check_exposure(self, http_host: str, grpc_enabled: bool) -> None:
+        """Refuse to open the APIs to the network without an API key, unless the config says so."""
+        if self.api_key is not None or self.allow_unauthenticated:
+            return
+        exposed = [] if _is_loopback(http_host) else [f"HTTP on {http_host}"]
+        if grpc_enabled:
+            exposed.append("gRPC (Ray Serve listens on every interface)")
+        if exposed:
+            raise ModelConfigError(
+                f"{' and '.join(exposed)} would serve anyone on the network without an API key: set api_key "
+                f"(or ${API_KEY_ENV}), or set allow_unauthenticated: true to accept that"
+            )
+
     def transfer_config(self, host: str) -> TransferConfig:
         return TransferConfig(**{**self.transfer, "host": host})
 
@@ -88,6 +104,15 @@ class ServeConfig:
             teacher = Path(self.prefill_model).expanduser()
         student = Path(self.decode_model).expanduser() if self.decode_model is not None else teacher
         return teacher, student
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: assume it reaches the network
+        return False
 
 
 def _engine_config(role: str, settings: dict[str, Any], section: Any) -> EngineConfig:

@@ -9,12 +9,14 @@ import asyncio
 import grpc
 
 from overfill_serve.errors import (
+    ApplicationNotFoundError,
     InvalidRequestError,
     ModelNotFoundError,
     OutOfBlocksError,
     OverloadedError,
     PoolUnavailableError,
     PreemptedError,
+    RequestTooLargeError,
     ServiceUnavailableError,
     TransferError,
     UnauthenticatedError,
@@ -27,8 +29,10 @@ def status_for(exc: BaseException, *, request_id: str | None = None) -> tuple[gr
     internals in the details (log the exception yourself)."""
     exc = unwrap(exc)
     kind = ray_kind(exc)
-    if isinstance(exc, ModelNotFoundError):
+    if isinstance(exc, (ModelNotFoundError, ApplicationNotFoundError)):
         return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, RequestTooLargeError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, InvalidRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, f"{exc} (field: {exc.field})" if exc.field else str(exc)
     if isinstance(exc, UnauthenticatedError):

@@ -2,30 +2,37 @@
 deployments' request routers pick the replicas), and serves the OpenAI HTTP API and the gRPC API.
 
 A client that disconnects cancels its stream: the cancellation reaches the decode replica (which frees its
-KV) and the prefill replica's transfer is aborted through its KV server.
+KV) and the prefill replica's transfer is aborted through its KV server. Reading a request (parsing, the
+tokenizer) runs on a worker thread, so a large body never stalls the event loop that answers `/health`.
 """
 
 # No `from __future__ import annotations` here: FastAPI resolves the endpoint annotations at runtime.
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException
 
 from overfill_serve.engine.output_processor import StepOutput
-from overfill_serve.errors import OverloadedError
+from overfill_serve.errors import ApplicationNotFoundError, RequestTooLargeError
 from overfill_serve.prompt import PromptEncoder
 from overfill_serve.request import Mode
 from overfill_serve.sampling_params import SamplingParams
 from overfill_serve.serve import grpc_errors, grpc_requests, grpc_responses
+from overfill_serve.serve.admission import Admission
 from overfill_serve.serve.api_key import check_api_key
 from overfill_serve.serve.config import ServeConfig
 from overfill_serve.serve.dispatcher import Dispatcher
+from overfill_serve.serve.log_filter import quiet_client_errors
 from overfill_serve.serve.metrics import RequestMetrics
 from overfill_serve.serve.model_names import resolve_model
 from overfill_serve.serve.openai_errors import ApiError, from_exception
@@ -36,28 +43,81 @@ from overfill_serve.serve.openai_requests import (
     encode_prompt,
     parse_request,
 )
-from overfill_serve.serve.openai_responses import make_responder, merge_choices, model_list
+from overfill_serve.serve.openai_responses import (
+    ChatResponder,
+    CompletionResponder,
+    make_responder,
+    merge_choices,
+    model_list,
+)
 from overfill_serve.serve.pool_monitor import PoolMonitor
 from overfill_serve.serve.served_by import ServedBy
 from overfill_serve.transfer.control import TransferControl
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="overfill-serve", docs_url=None, redoc_url=None)
+T = TypeVar("T")
 
 
 def _metadata(grpc_context: Any) -> list[tuple[str, str]]:
     return list(grpc_context.invocation_metadata()) if grpc_context is not None else []
 
 
-def _error_response(e: ApiError) -> JSONResponse:
-    return JSONResponse(e.to_json(), status_code=e.status, headers=e.headers)
+def _error_response(e: ApiError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(e.to_json(), status_code=e.status, headers={**e.headers, **(headers or {})})
+
+
+@app.exception_handler(HTTPException)
+async def _unknown_route(request: Request, e: HTTPException) -> JSONResponse:
+    """Unknown paths and methods answer in the OpenAI error shape, as every other error does."""
+    kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+    error = ApiError(e.status_code, kind, f"{request.method} {request.url.path}: {e.detail}")
+    return _error_response(error, e.headers)
+
+
+async def _read_body(http: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it is known to be over `limit` bytes."""
+    declared = http.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestTooLargeError(int(declared), limit)
+    body = bytearray()
+    async for chunk in http.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestTooLargeError(len(body), limit)
+    return bytes(body)
+
+
+def _serve_exposure() -> tuple[str, bool]:
+    """(the HTTP proxy's host, whether the gRPC proxy is on), from the Serve controller."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    assert client is not None  # inside a replica of a running app there is always one
+    http = ray.get(client._controller.get_http_config.remote(), timeout=30)
+    grpc = ray.get(client._controller.get_grpc_config.remote(), timeout=30)
+    return http.host, bool(grpc.grpc_servicer_functions)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A checked request, ready to generate: one per HTTP or gRPC call."""
+
+    prompt: list[int]
+    params: list[SamplingParams]  # one per choice
+    mode: Mode
+    request_id: str  # the engine's key, unique (a gRPC client's own id is only a label in its responses)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1000)
 @serve.ingress(app)
 class Ingress:
     def __init__(self, config: ServeConfig, prefill: Any, decode: Any) -> None:
+        config.check_exposure(*_serve_exposure())
+        quiet_client_errors()
         self.config = config
+        self.app_name = serve.get_replica_context().app_name
         teacher_dir, student_dir = config.model_dirs()
         self.teacher_name, self.student_name = teacher_dir.name, student_dir.name
         self.prompts = PromptEncoder.for_pair(teacher_dir, student_dir, config.prefill, config.decode)
@@ -65,13 +125,18 @@ class Ingress:
         self.dispatcher = Dispatcher(prefill, decode, self.transfers, config.max_migrations)
         self.metrics = RequestMetrics(config.pair_name)
         self.created = int(time.time())
-        self._inflight = 0
-        self.pools = PoolMonitor(serve.get_replica_context().app_name, config.pool_check_period_s).start()
+        self.admission = Admission(config.max_inflight_requests)
+        self.pools = PoolMonitor(self.app_name, config.pool_check_period_s).start()
+        # One thread reads requests: off the event loop, and one tokenizer call at a time (HF tokenizers
+        # must not be configured concurrently).
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="ingress-read")
 
     def __del__(self) -> None:
         for part in (getattr(self, "pools", None), getattr(self, "transfers", None)):
             if part is not None:
                 part.stop()
+        if hasattr(self, "_reader"):
+            self._reader.shutdown(wait=False, cancel_futures=True)
 
     # -- OpenAI HTTP API -----------------------------------------------------------------------------------
     @app.post("/v1/completions")
@@ -92,30 +157,25 @@ class Ingress:
 
     @app.get("/health")
     async def health(self) -> Any:
-        """200 while the ingress runs; "degraded" (with each pool's state) while a pool has no replica."""
-        return {**self.pools.report(), "inflight": self._inflight}
+        """200 while both pools have a replica; 503 (with each pool's state) until then, or while one has
+        none: a readiness probe acts on the code."""
+        report = self.pools.report()
+        status = 200 if report["status"] == "ok" else 503
+        return JSONResponse({**report, "inflight": self.admission.inflight}, status_code=status)
 
     async def _openai(self, http: Request, cls: Any) -> Any:
         try:
             self._check_http_key(http)
-            req = parse_request(cls, await http.body())
-            mode = resolve_model(req.model, self.config.pair_name)
-            self.pools.check(mode)
-            prompt = encode_prompt(req, self.prompts)
-            room = self.prompts.max_model_len - len(prompt)
-            params = choice_sampling_params(req, default_max_tokens=room)
-            responder = make_responder(
-                req, self._served_by(mode), self.prompts.tokenizer, prompt_tokens=len(prompt)
-            )
-            self._admit()
+            body = await _read_body(http, self.config.max_request_bytes)
+            job, responder, stream = await self._read(self._openai_job, cls, body)
+            slot = self.admission.admit()
         except Exception as e:
             return _error_response(from_exception(e))
-        streams = [self._generate(prompt, p, mode, f"{responder.id}-{i}") for i, p in enumerate(params)]
+        streams = [self._generate(job, p, f"{job.request_id}-{i}") for i, p in enumerate(job.params)]
         outputs = merge_choices(streams)
-        if req.stream:
-            return StreamingResponse(
-                self._release_after(responder.sse_stream(outputs)), media_type="text/event-stream"
-            )
+        if stream:
+            sse = self.admission.hold(slot, responder.sse_stream(outputs))
+            return StreamingResponse(sse, media_type="text/event-stream")
         try:
             async for index, step in outputs:
                 responder.add(index, step)
@@ -123,7 +183,21 @@ class Ingress:
         except Exception as e:
             return _error_response(from_exception(e))
         finally:
-            self._inflight -= 1
+            slot.release()
+
+    def _openai_job(self, cls: Any, body: bytes) -> tuple[Job, CompletionResponder | ChatResponder, bool]:
+        req = parse_request(cls, body)
+        mode = resolve_model(req.model, self.config.pair_name)
+        self.pools.check(mode)
+        prompt = encode_prompt(req, self.prompts)
+        params = choice_sampling_params(req, default_max_tokens=self.prompts.max_model_len - len(prompt))
+        responder = make_responder(
+            req, self._served_by(mode), self.prompts.tokenizer, prompt_tokens=len(prompt)
+        )
+        return Job(prompt, params, mode, responder.id), responder, bool(req.stream)
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
 
     def _check_http_key(self, http: Request) -> None:
         """Raise `UnauthenticatedError` (HTTP 401) unless the request has `Authorization: Bearer <key>`."""
@@ -131,21 +205,11 @@ class Ingress:
             return
         check_api_key([("authorization", http.headers.get("authorization", ""))], self.config.api_key)
 
-    async def _release_after(self, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-        try:
-            async for chunk in chunks:
-                yield chunk
-        finally:
-            self._inflight -= 1
-
     # -- gRPC API (Serve's gRPC proxy calls these by RPC name) -----------------------------------------------
     async def Generate(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 (RPC name)
-        try:
-            async with aclosing(self._grpc_outputs(request, grpc_context)) as outputs:
-                accumulators = [acc async for acc, _ in outputs]  # one accumulator, once per chunk
-            return accumulators[-1].response()
-        except Exception:  # the call's status says what went wrong
-            return grpc_requests.pb.GenerateResponse()
+        async with aclosing(self._grpc_outputs(request, grpc_context)) as outputs:
+            accumulators = [acc async for acc, _ in outputs]  # one accumulator, once per chunk
+        return accumulators[-1].response()
 
     async def GenerateStream(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:  # noqa: N802
         async with aclosing(self._grpc_outputs(request, grpc_context)) as outputs:
@@ -153,38 +217,48 @@ class Ingress:
                 yield chunk
 
     async def _grpc_outputs(self, request: Any, grpc_context: Any) -> AsyncGenerator[tuple[Any, Any], None]:
-        """One call's accumulator with each response chunk. An error sets the call's status and is raised: a
-        stream that ends without raising reports OK to the client, whatever code was set."""
+        """One call's accumulator with each response chunk. An error sets the call's status and is raised
+        (Serve then answers the code set; a call that ends without raising would report OK)."""
         acc = None
         try:
-            acc, prompt, params, mode = self._grpc_request(request, grpc_context)
-            self._admit()
+            job, acc = await self._read(self._grpc_job, request, _metadata(grpc_context))
+            slot = self.admission.admit()
             try:
-                async for out in self._generate(prompt, params, mode, acc.request_id):
+                async for out in self._generate(job, job.params[0], job.request_id):
                     yield acc, acc.add(out)
             finally:
-                self._inflight -= 1
+                slot.release()
         except Exception as e:
             self._grpc_error(grpc_context, e, acc)
             raise
 
     async def ListModels(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         try:
-            check_api_key(_metadata(grpc_context), self.config.api_key)
+            self._check_grpc_call(_metadata(grpc_context))
         except Exception as e:
             self._grpc_error(grpc_context, e, None)
-            return grpc_requests.pb.ListModelsResponse()
+            raise
         return grpc_responses.models_to_proto(self.config.pair_name, self.teacher_name, self.student_name)
 
-    def _grpc_request(self, request: Any, grpc_context: Any) -> tuple[Any, list[int], SamplingParams, Mode]:
-        check_api_key(_metadata(grpc_context), self.config.api_key)
+    def _grpc_job(self, request: Any, metadata: list[tuple[str, str]]) -> tuple[Job, Any]:
+        self._check_grpc_call(metadata)
+        if request.ByteSize() > self.config.max_request_bytes:
+            raise RequestTooLargeError(request.ByteSize(), self.config.max_request_bytes)
         mode = grpc_requests.mode_from_request(request, self.config.pair_name)
         self.pools.check(mode)
         prompt = grpc_requests.prompt_from_request(request, self.prompts)
         params = grpc_requests.params_from_proto(request.sampling if request.HasField("sampling") else None)
-        request_id = grpc_requests.request_id_of(request)
-        acc = grpc_responses.GenerationAccumulator(request_id, len(prompt), self._served_by(mode))
-        return acc, prompt, params, mode
+        label = grpc_requests.request_id_of(request)
+        acc = grpc_responses.GenerationAccumulator(label, len(prompt), self._served_by(mode))
+        return Job(prompt, [params], mode, f"grpc-{uuid.uuid4().hex}"), acc
+
+    def _check_grpc_call(self, metadata: list[tuple[str, str]]) -> None:
+        check_api_key(metadata, self.config.api_key)
+        application = dict(metadata).get("application")
+        if application is not None and application != self.app_name:
+            raise ApplicationNotFoundError(
+                f"application {application!r} not found; this is {self.app_name!r}", field="application"
+            )
 
     def _grpc_error(self, grpc_context: Any, e: Exception, acc: Any) -> None:
         code, _ = grpc_errors.apply_status(grpc_context, e, request_id=acc.request_id if acc else None)
@@ -195,17 +269,9 @@ class Ingress:
     def _served_by(self, mode: Mode) -> ServedBy:
         return ServedBy.of(mode, self.teacher_name, self.student_name)
 
-    def _admit(self) -> None:
-        if self._inflight >= self.config.max_inflight_requests:
-            raise OverloadedError(
-                f"{self._inflight} requests in flight (limit {self.config.max_inflight_requests})", 1.0
-            )
-        self._inflight += 1
-
-    async def _generate(
-        self, prompt: list[int], params: SamplingParams, mode: Mode, request_id: str
-    ) -> AsyncIterator[StepOutput]:
-        """The dispatcher's stream, timed for the request metrics."""
+    async def _generate(self, job: Job, params: SamplingParams, request_id: str) -> AsyncIterator[StepOutput]:
+        """One choice's stream from the dispatcher, timed for the request metrics."""
+        prompt, mode = job.prompt, job.mode
         start, first, n, reason = time.perf_counter(), None, 0, "error"
         try:
             async for out in self.dispatcher.generate(prompt, params, mode, request_id):

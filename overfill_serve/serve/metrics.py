@@ -93,6 +93,9 @@ class RequestMetrics:
             if output_tokens > 1:
                 self.tpot.observe((e2e - ttft) / (output_tokens - 1), tags)
         self.e2e.observe(e2e, tags)
-        self.prompt_tokens.inc(prompt_tokens, tags)
-        self.generation_tokens.inc(output_tokens, tags)
+        # Ray's counters refuse inc(0): a request that failed before its first token must still count.
+        if prompt_tokens:
+            self.prompt_tokens.inc(prompt_tokens, tags)
+        if output_tokens:
+            self.generation_tokens.inc(output_tokens, tags)
         self.requests.inc(1, {**tags, "finish_reason": finish_reason})

@@ -21,6 +21,7 @@ from overfill_serve.errors import (
     PairMismatchError,
     PoolUnavailableError,
     PreemptedError,
+    RequestTooLargeError,
     ServiceUnavailableError,
     TransferError,
     UnauthenticatedError,
@@ -79,6 +80,8 @@ def from_exception(e: BaseException) -> ApiError:
         return ApiError(
             404, "not_found_error", f"The model '{e.model}' does not exist", "model", "model_not_found"
         )
+    if isinstance(e, RequestTooLargeError):
+        return ApiError(413, "invalid_request_error", str(e), e.field, "request_too_large")
     if isinstance(e, InvalidRequestError):
         return ApiError.invalid(str(e), e.field)
     if isinstance(e, UnauthenticatedError):

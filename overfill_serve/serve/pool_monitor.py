@@ -112,10 +112,13 @@ class PoolMonitor:
                 raise PoolUnavailableError(why)
 
     def report(self) -> dict[str, Any]:
-        """For `/health`: "ok" while every pool has a replica, else "degraded"; and each pool's state."""
+        """For `/health`: "ok" while every pool has a replica, "starting" until the pools are first read,
+        else "degraded"; and each pool's state."""
         pools = self.pools
-        ok = all(p.running > 0 for p in pools.values())
-        return {"status": "ok" if ok else "degraded", "pools": {r: asdict(p) for r, p in pools.items()}}
+        status = (
+            "starting" if not pools else "ok" if all(p.running > 0 for p in pools.values()) else "degraded"
+        )
+        return {"status": status, "pools": {r: asdict(p) for r, p in pools.items()}}
 
     def _run(self) -> None:
         while not self._stop.is_set():
