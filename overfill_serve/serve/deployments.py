@@ -21,6 +21,7 @@ from overfill_serve.model.spec import ModelSpec
 from overfill_serve.sampling_params import SamplingParams
 from overfill_serve.serve.autoscaling import autoscaling_signals
 from overfill_serve.serve.config import ServeConfig
+from overfill_serve.serve.log_filter import quiet_client_errors
 from overfill_serve.serve.metrics import ReplicaMetrics
 from overfill_serve.worker.decode_worker import DecodeWorker
 from overfill_serve.worker.model_worker import ModelWorker
@@ -86,6 +87,7 @@ class PrefillServer(_ModelServer):
     worker: PrefillWorker
 
     def __init__(self, config: ServeConfig) -> None:
+        quiet_client_errors()
         teacher_dir, _ = config.model_dirs()
         transfer = config.transfer_config(ray.util.get_node_ip_address())
         self.worker = PrefillWorker(teacher_dir, transfer=transfer, **asdict(config.prefill))
@@ -116,6 +118,7 @@ class DecodeServer(_ModelServer):
     worker: DecodeWorker
 
     def __init__(self, config: ServeConfig) -> None:
+        quiet_client_errors()
         teacher_dir, student_dir = config.model_dirs()
         # The teacher's depth bounds a depth-pruned student's map; its directory may not be on this node.
         teacher_layers = ModelSpec.from_dir(teacher_dir).num_layers if teacher_dir.is_dir() else None
