@@ -99,8 +99,9 @@ class PrefillServer(_ModelServer):
         params: SamplingParams,
         request_id: str,
         generated_token_ids: list[int] | None = None,
+        emitted_chars: int | None = None,
     ) -> TransferTicket:
-        return self.worker.submit(prompt_token_ids, params, request_id, generated_token_ids)
+        return self.worker.submit(prompt_token_ids, params, request_id, generated_token_ids, emitted_chars)
 
     def __del__(self) -> None:
         # Serve calls this once the replica has no request in flight (scale-down, redeploy). KV it offered

@@ -94,7 +94,11 @@ class DecodeWorker(ModelWorker):
 
     def _pull(self, ticket: TransferTicket) -> tuple[Request, Completion]:
         request = self._new_request(
-            list(ticket.prompt_token_ids), ticket.params, ticket.request_id, list(ticket.generated_token_ids)
+            list(ticket.prompt_token_ids),
+            ticket.params,
+            ticket.request_id,
+            list(ticket.generated_token_ids),
+            ticket.emitted_chars,  # what the client has of the text so far
         )
         blocks = self._allocate(blocks_for(ticket.num_prompt_tokens, self.config.block_size))
         try:

@@ -39,6 +39,7 @@ class TransferTicket:
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     generated_token_ids: tuple[int, ...] = ()  # a resumed request's tokens so far (its decode continues)
+    emitted_chars: int | None = None  # ... and how much of their text its client has (None: all of it)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -79,11 +80,12 @@ class PrefillWorker(ModelWorker):
         params: SamplingParams,
         request_id: str | None = None,
         generated_token_ids: list[int] | None = None,
+        emitted_chars: int | None = None,
     ) -> TransferTicket:
         """Queue a prefill whose KV a decode worker will pull; the ticket is valid at once.
         `generated_token_ids` (what a decode worker already produced, for a re-prefill after preemption or
-        migration) skips sampling a new first token."""
-        request = self._new_request(prompt_token_ids, params, request_id, generated_token_ids)
+        migration) skips sampling a new first token; `emitted_chars`: how much of their text the client got."""
+        request = self._new_request(prompt_token_ids, params, request_id, generated_token_ids, emitted_chars)
         transfer_id = self.registry.open(request)
 
         def admit() -> None:
@@ -98,6 +100,7 @@ class PrefillWorker(ModelWorker):
             tuple(request.prompt_token_ids),
             params,
             tuple(request.output_token_ids),
+            emitted_chars,
         )
 
     def drain(self, timeout: float) -> bool:
