@@ -117,7 +117,7 @@ def test_dispatcher_migration_keeps_the_text_and_the_stop(case, workers) -> None
     calls = iter(decodes)
 
     async def submit(*args: Any) -> Any:
-        return await asyncio.to_thread(prefill.submit, *args)
+        return await prefill.asubmit(*args)
 
     async def generate_from(ticket: Any) -> AsyncIterator[Any]:
         worker = next(calls)
@@ -140,3 +140,38 @@ def test_dispatcher_migration_keeps_the_text_and_the_stop(case, workers) -> None
         control.stop()
     assert "".join(o.text for o in outs) == case.text
     assert outs[-1].finished and outs[-1].finish_reason == case.finish_reason
+
+
+def test_dispatcher_finishes_a_one_token_request_on_the_prefill_side(width_pair, workers) -> None:
+    """max_tokens=1: the teacher's first token is the whole answer, so no KV is offered and no decode replica
+    is asked; the text and token equal LLM's."""
+    prefill, _ = workers
+    params = SamplingParams(max_tokens=1, temperature=0)
+    want = LLM(width_pair.teacher, width_pair.student, num_kv_blocks=64, block_size=4).generate(
+        PROMPT, params
+    )
+
+    async def submit(*args: Any) -> Any:
+        return await prefill.asubmit(*args)
+
+    def generate_from(ticket: Any) -> Any:
+        raise AssertionError("a one-token request reached a decode replica")
+
+    opened = prefill.registry.open
+    offered: list[Any] = []
+    prefill.registry.open = lambda request: (offered.append(request), opened(request))[1]  # type: ignore[method-assign]
+    control = TransferControl(TRANSFER)
+    dispatcher = Dispatcher(_Handle(submit=submit), _Handle(generate_from=generate_from), control)
+
+    async def run() -> list[Any]:
+        return [o async for o in dispatcher.generate(PROMPT, params, Mode.OVERFILL, "one-token")]
+
+    try:
+        outs = asyncio.run(run())
+    finally:
+        control.stop()
+        prefill.registry.open = opened  # type: ignore[method-assign]
+    assert [(o.token_ids, o.text, o.finish_reason) for o in outs] == [
+        (tuple(want[0].token_ids), want[0].text, FinishReason.LENGTH)
+    ]
+    assert not offered and prefill.registry.num_open == 0 and prefill.stats().free_blocks == 64

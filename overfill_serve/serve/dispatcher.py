@@ -62,6 +62,10 @@ class Dispatcher:
         emitted = 0  # characters of text sent: a migrated request's new replica sends what was held back
         for attempt in range(self.max_migrations + 1):
             ticket = await self._submit(prompt, params, request_id, generated, emitted)
+            if ticket.outputs:  # it ended on its first token, on the prefill replica
+                for out in ticket.outputs:
+                    yield out
+                return
             done = False
             try:
                 stream = self.decode.options(stream=True).generate_from.remote(ticket)

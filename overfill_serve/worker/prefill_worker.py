@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from overfill_serve.engine.batch import Batch
+from overfill_serve.engine.output_processor import StepOutput
 from overfill_serve.engine.stage import Prefilled
 from overfill_serve.model.spec import KVLayout
 from overfill_serve.request import RequestStatus
@@ -40,6 +41,8 @@ class TransferTicket:
     params: SamplingParams
     generated_token_ids: tuple[int, ...] = ()  # a resumed request's tokens so far (its decode continues)
     emitted_chars: int | None = None  # ... and how much of their text its client has (None: all of it)
+    # A request that ended on its first token (max_tokens=1): its outputs; no KV is offered, nothing to pull.
+    outputs: tuple[StepOutput, ...] = ()
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -102,6 +105,22 @@ class PrefillWorker(ModelWorker):
             tuple(request.output_token_ids),
             emitted_chars,
         )
+
+    async def asubmit(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        generated_token_ids: list[int] | None = None,
+        emitted_chars: int | None = None,
+    ) -> TransferTicket:
+        """`submit`, except that a request known to end on its first token runs to its end here, the teacher
+        sampling that token as it would for the decode side: no KV transfer, no decode replica."""
+        if params.max_tokens > 1 or generated_token_ids:
+            return self.submit(prompt_token_ids, params, request_id, generated_token_ids, emitted_chars)
+        outputs = tuple([out async for out in self.agenerate(prompt_token_ids, params, request_id)])
+        rid = outputs[0].request_id
+        return TransferTicket("", self.address, rid, tuple(prompt_token_ids), params, outputs=outputs)
 
     def drain(self, timeout: float) -> bool:
         """Before shutting down: wait until every offered KV is pulled, aborted or its lease ran out, so a
