@@ -133,6 +133,10 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         self.registry.abort(request.transfer_id, f"aborted by the decode side: {request.reason}")
         return pb.Ack()
 
+    @property
+    def pending_challenges(self) -> int:
+        return len(self._nonces)
+
     def expire_sessions(self) -> int:
         now = time.monotonic()
         with self._lock:
