@@ -96,6 +96,9 @@ class Request:
     stop_reason: str | int | None = None
     error: str | None = None  # why it failed
     num_preemptions: int = 0
+    # A request resumed on another worker: characters of its output text the client has already received
+    # (held-back text, such as a possible stop-string prefix, is sent by the new worker). None: all of it.
+    emitted_chars: int | None = None
     timeline: dict[str, float] = field(default_factory=dict)
     generator: torch.Generator | None = None
 

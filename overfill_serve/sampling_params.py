@@ -15,6 +15,9 @@ FLOAT_FIELDS = (
     "presence_penalty",
     "frequency_penalty",
 )
+# Stop strings are matched on the engine thread for every generated token: bound what one request may ask for.
+MAX_STOP_STRINGS = 32
+MAX_STOP_STRING_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,21 @@ class SamplingParams:
             raise bad("frequency_penalty", "must be in [-2, 2]")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise bad("logprobs", "must be in [0, 20]")
-        if any(not s for s in self.stop):
-            raise InvalidRequestError("stop strings must be non-empty", field="stop")
+        self._validate_stop()
+
+    def _validate_stop(self) -> None:
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError(
+                f"stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed", field="stop"
+            )
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise InvalidRequestError(f"stop strings must be non-empty strings, got {s!r}", field="stop")
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise InvalidRequestError(
+                    f"a stop string has {len(s)} characters; at most {MAX_STOP_STRING_CHARS} are allowed",
+                    field="stop",
+                )
 
     @property
     def greedy(self) -> bool:

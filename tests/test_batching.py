@@ -147,3 +147,37 @@ def test_abort_mid_flight_frees_blocks(width_pair):
     assert not llm.abort(a)
     assert not llm.has_unfinished()
     assert llm.core.pool.num_free == llm.core.pool.num_blocks
+
+
+def test_prefill_takes_blocks_only_for_prompts_it_schedules(width_pair):
+    """Waiting prompts beyond the step's token budget hold no blocks: in the shared pool, blocks taken early
+    would be blocks the running decodes cannot grow into."""
+    llm = LLM(
+        width_pair.teacher, width_pair.student, num_kv_blocks=128, block_size=4, max_num_batched_tokens=32
+    )
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    for i in range(4):
+        llm.add_request(list(range(10 + i, 40 + i)), params)  # 30 tokens: 8 blocks each
+    llm.step()  # the budget covers the first prompt and 2 tokens of the second
+    prefill = llm.core.prefill["teacher"]
+    assert [r.num_computed_tokens for r in prefill.running] == [2]
+    assert len(prefill.waiting) == 2 and not any(r.block_table for r in prefill.waiting)
+    assert llm.core.pool.num_used == 8 + 8  # the first (now decoding, 31 tokens) and the second prompt
+
+
+def test_waiting_prompts_do_not_preempt_a_running_decode(width_pair):
+    """A decode running beside a queue of long prompts: each prompt takes its blocks when it is scheduled,
+    so the decode grows into the pool and is never preempted; the outputs equal one-at-a-time runs."""
+    prompts = [list(range(3, 11))] + [list(range(100 + 9 * i, 164 + 9 * i)) for i in range(6)]
+    params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)] + [
+        SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    ] * 6  # 8 + 40 tokens (12 blocks), then 64-token prompts (16 blocks each) that end on their first token
+    reference = LLM(width_pair.teacher, width_pair.student, num_kv_blocks=128, block_size=4)
+    want = [reference.generate(p, sp)[0].token_ids for p, sp in zip(prompts, params)]
+    llm = LLM(
+        width_pair.teacher, width_pair.student, num_kv_blocks=34, block_size=4, max_num_batched_tokens=32
+    )
+    outs = llm.generate(prompts, params)
+    assert [o.token_ids for o in outs] == want
+    assert [o.metrics.num_preemptions for o in outs] == [0] * 7
+    assert llm.core.pool.num_free == llm.core.pool.num_blocks

@@ -324,6 +324,30 @@ def test_handshake_macs_cover_the_nixl_envelopes(workers):
     assert not auth.verify(unsigned, response.mac)
 
 
+def test_blocks_stay_put_while_reads_are_in_flight(pairs, monkeypatch):
+    """The decode side waits for its READs after `done`: the lease runs out meanwhile, yet the prefill side
+    neither expires the transfer nor frees (so never reuses) its blocks until the reader is done."""
+    config = TransferConfig(backend="nixl", timeout_seconds=10.0, lease_seconds=0.3)
+    prefill = PrefillWorker(pairs["depth"].teacher, transfer=config, block_size=4, num_kv_blocks=64).start()
+    decode = DecodeWorker(pairs["depth"].student, transfer=config, **decode_kwargs(pairs["depth"])).start()
+    wait, seen = nixl_module._Reads.wait, []
+
+    def slow_reads(self, timeout):
+        time.sleep(1.0)  # three leases
+        seen.append((prefill.registry.num_open, pool_full(prefill.stats())))
+        return wait(self, timeout)
+
+    monkeypatch.setattr(nixl_module._Reads, "wait", slow_reads)
+    try:
+        expected = _tokens(decode, prefill.submit(PROMPTS[0], GREEDY))
+        assert seen == [(1, False)] and len(expected) == 10
+        wait_until(lambda: pool_full(prefill.stats()) and prefill.registry.num_open == 0, timeout=3)
+        assert pool_full(decode.stats())
+    finally:
+        decode.stop()
+        prefill.stop()
+
+
 def test_prefill_killed_before_the_read(pairs, monkeypatch):
     """Across two processes: one pull reads the other process's pool; then the prefill process dies
     between describing a layer and our read of it: NIXL reports the disconnect, typed, nothing leaks."""

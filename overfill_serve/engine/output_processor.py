@@ -62,7 +62,13 @@ class OutputProcessor:
     def _detokenizer(self, request: Request) -> IncrementalDetokenizer:
         detok = self._detok.get(request.request_id)
         if detok is None:
-            # A request resumed on another worker continues after the tokens it already has.
-            detok = IncrementalDetokenizer(self.tokenizer, request.all_token_ids, request.params)
+            # A request resumed on another worker continues after the tokens and the text it already has.
+            detok = IncrementalDetokenizer(
+                self.tokenizer,
+                request.prompt_token_ids,
+                request.params,
+                request.output_token_ids,
+                request.emitted_chars,
+            )
             self._detok[request.request_id] = detok
         return detok

@@ -1,11 +1,12 @@
 """`PrefillEngine`: batches waiting prompts under a token budget, runs the prefill model (the teacher in
 OverFill mode) and samples each request's first token from that model's logits.
 
-A request is admitted only when blocks for its whole prompt are free, so a chunked prefill never stalls half
-way for memory. A request coming back from a decode-side preemption (it already has output tokens) is
-prefilled over its prompt only and handed over without sampling: the decode model recomputes its own KV for
-the tokens it generated. The first token is not detokenized here: whoever decodes the request streams it
-(`DecodeEngine.add`), on this worker or across the KV channel.
+A request is admitted only when the step's token budget reaches it and blocks for its whole prompt are free,
+so a chunked prefill never stalls half way for memory and a queued prompt holds no blocks. A request coming
+back from a decode-side preemption (it already has output tokens) is prefilled over its prompt only and
+handed over without sampling: the decode model recomputes its own KV for the tokens it generated. The first
+token is not detokenized here: whoever decodes the request streams it (`DecodeEngine.add`), on this worker
+or across the KV channel.
 """
 
 from __future__ import annotations
@@ -47,9 +48,16 @@ class PrefillEngine(StageEngine):
         return self._postprocess(batch, logits)
 
     def _schedule(self) -> Batch:
+        """Prompts already started go first; then waiting prompts are admitted while the token budget has room,
+        each taking blocks for its whole prompt only now (a queued prompt holds no blocks a decode could use)."""
         budget = self.max_num_batched_tokens
         seqs: list[ScheduledSeq] = []
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        for request in self.running:
+            if budget == 0:
+                break
+            seqs.append(self._chunk(request, budget))
+            budget -= len(seqs[-1].token_ids)
+        while budget and self.waiting and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             blocks = self.pool.allocate(blocks_for(request.num_prompt_tokens, self.block_size))
             if blocks is None:
@@ -59,23 +67,22 @@ class PrefillEngine(StageEngine):
             request.num_computed_tokens = 0
             request.mark(RequestStatus.PREFILLING)
             self.running.append(request)
-        for request in self.running:
-            if budget == 0:
-                break
-            start = request.num_computed_tokens
-            n = min(request.num_prompt_tokens - start, budget)
-            budget -= n
-            end = start + n
-            seqs.append(
-                ScheduledSeq(
-                    request.request_id,
-                    tuple(request.prompt_token_ids[start:end]),
-                    start,
-                    tuple(request.block_table),
-                    needs_logits=end == request.num_prompt_tokens and not request.output_token_ids,
-                )
-            )
+            seqs.append(self._chunk(request, budget))
+            budget -= len(seqs[-1].token_ids)
         return Batch(tuple(seqs))
+
+    @staticmethod
+    def _chunk(request: Request, budget: int) -> ScheduledSeq:
+        """The next at most `budget` prompt tokens of a request whose blocks are allocated."""
+        start = request.num_computed_tokens
+        end = min(request.num_prompt_tokens, start + budget)
+        return ScheduledSeq(
+            request.request_id,
+            tuple(request.prompt_token_ids[start:end]),
+            start,
+            tuple(request.block_table),
+            needs_logits=end == request.num_prompt_tokens and not request.output_token_ids,
+        )
 
     def _postprocess(self, batch: Batch, logits: torch.Tensor) -> StepResult:
         by_id = {r.request_id: r for r in self.running}

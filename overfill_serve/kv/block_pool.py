@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 
 
 class BlockPool:
@@ -19,6 +20,19 @@ class BlockPool:
         self._free: deque[int] = deque(range(num_blocks))
         self._used = [False] * num_blocks
         self._lock = threading.Lock()
+        self._on_free: list[Callable[[], None]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener` after each free (under the pool's lock: it must only schedule work), so a waiter
+        for blocks sleeps until some come back; returns the function that unsubscribes it."""
+        with self._lock:
+            self._on_free.append(listener)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                self._on_free.remove(listener)
+
+        return unsubscribe
 
     @property
     def num_free(self) -> int:
@@ -44,3 +58,5 @@ class BlockPool:
                 assert self._used[b], f"block {b} freed twice"
                 self._used[b] = False
                 self._free.append(b)
+            for listener in self._on_free:
+                listener()

@@ -17,7 +17,7 @@ from overfill_serve.engine.config import EngineConfig
 from overfill_serve.errors import ModelConfigError
 from overfill_serve.model.spec import KeptLayers
 from overfill_serve.transfer.auth import SECRET_ENV, load_secret
-from overfill_serve.transfer.config import TransferConfig
+from overfill_serve.transfer.config import WILDCARD_HOSTS, TransferConfig
 
 API_KEY_ENV = "OVERFILL_API_KEY"
 ROLES = ("prefill", "decode")
@@ -70,8 +70,9 @@ class ServeConfig:
         transfer = dict(args.pop("transfer", None) or {})
         # Replicas of one application share the KV-channel secret; without one, make it per application.
         transfer.setdefault("secret", os.environ.get(SECRET_ENV) or secrets.token_hex(32))
-        # Validate here, where `serve run` reports it, not in every replica's constructor.
-        TransferConfig(**{k: v for k, v in transfer.items() if k != "host"})
+        # Validate here, where `serve run` reports it, not in every replica's constructor (the node's address,
+        # known there, stands in for the advertised host).
+        TransferConfig(**{"advertise_host": "node", **transfer})
         load_secret(transfer["secret"])
         api_key = args.pop("api_key", None) or os.environ.get(API_KEY_ENV)
         return cls(
@@ -92,7 +93,12 @@ class ServeConfig:
             )
 
     def transfer_config(self, host: str) -> TransferConfig:
-        return TransferConfig(**{**self.transfer, "host": host})
+        """The KV channel of a replica on the node at `host` (its address; "" for a control-only client):
+        its server binds `transfer.host` (default: that address, which other nodes can reach) and advertises
+        that host, or the node's address when the bind host is a wildcard."""
+        bind = self.transfer.get("host") or host
+        advertise = self.transfer.get("advertise_host") or (host if bind in WILDCARD_HOSTS else None)
+        return TransferConfig(**{**self.transfer, "host": bind, "advertise_host": advertise})
 
     def model_dirs(self) -> tuple[Path, Path]:
         """(teacher, student) model directories; converts the embedded default on first use."""

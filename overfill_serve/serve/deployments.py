@@ -95,14 +95,17 @@ class PrefillServer(_ModelServer):
         self.metrics = ReplicaMetrics("prefill")
         log.info("prefill replica ready: %s, KV server %s", teacher_dir, self.worker.address)
 
-    def submit(
+    async def submit(
         self,
         prompt_token_ids: list[int],
         params: SamplingParams,
         request_id: str,
         generated_token_ids: list[int] | None = None,
+        emitted_chars: int | None = None,
     ) -> TransferTicket:
-        return self.worker.submit(prompt_token_ids, params, request_id, generated_token_ids)
+        return await self.worker.asubmit(
+            prompt_token_ids, params, request_id, generated_token_ids, emitted_chars
+        )
 
     def __del__(self) -> None:
         # Serve calls this once the replica has no request in flight (scale-down, redeploy). KV it offered

@@ -62,13 +62,19 @@ class Dispatcher:
         self, prompt: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[StepOutput]:
         generated: list[int] = []
+        emitted = 0  # characters of text sent: a migrated request's new replica sends what was held back
         for attempt in range(self.max_migrations + 1):
-            ticket = await self._submit(prompt, params, request_id, generated)
+            ticket = await self._submit(prompt, params, request_id, generated, emitted)
+            if ticket.outputs:  # it ended on its first token, on the prefill replica
+                for out in ticket.outputs:
+                    yield out
+                return
             done = False
             try:
                 stream = self.decode.options(stream=True).generate_from.remote(ticket)
                 async for out in stream:
                     generated += out.token_ids
+                    emitted += len(out.text)
                     yield out
                 done = True
                 return
@@ -88,11 +94,12 @@ class Dispatcher:
         )
 
     async def _submit(
-        self, prompt: list[int], params: SamplingParams, request_id: str, generated: list[int]
+        self, prompt: list[int], params: SamplingParams, request_id: str, generated: list[int], emitted: int
     ) -> Any:
+        resumed = (list(generated), emitted) if generated else (None, None)
         for _ in range(self.max_migrations + 1):
             try:
-                return await self.prefill.submit.remote(prompt, params, request_id, list(generated) or None)
+                return await self.prefill.submit.remote(prompt, params, request_id, *resumed)
             except REPLICA_GONE as e:
                 log.warning("request %s: prefill replica died (%s); retrying", request_id, type(e).__name__)
                 last: Exception = e

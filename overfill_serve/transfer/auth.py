@@ -4,6 +4,10 @@ The secret never crosses the wire. The client proves it over the server's nonce,
 client's nonce and the session it issues, so neither side can be impersonated by a replayed transcript. Each
 MAC also covers what its side announces (its KV layout and its NIXL envelope), so neither can be swapped in
 transit.
+
+After the handshake both sides derive a per-session key (`chunk_key`) that signs each gRPC chunk's header and
+the completion (`chunk_mac`), so a man in the middle cannot rewrite block ids, layers or the first token.
+Challenges expire and are capped (`Nonces`): an unauthenticated peer cannot grow the server's memory.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ import hashlib
 import hmac
 import os
 import secrets
+import threading
+import time
+from collections import OrderedDict
 
 from overfill_serve.errors import ModelConfigError
 
@@ -39,6 +46,35 @@ def new_session() -> str:
     return secrets.token_hex(16)
 
 
+class Nonces:
+    """Outstanding challenges: each answers once, within `ttl` seconds; beyond `cap`, the oldest are dropped
+    (a flood costs its sender a retry, never the server memory)."""
+
+    def __init__(self, ttl: float, cap: int) -> None:
+        self.ttl, self.cap = ttl, cap
+        self._issued: OrderedDict[bytes, float] = OrderedDict()  # nonce -> expiry, oldest first
+        self._lock = threading.Lock()
+
+    def issue(self) -> bytes:
+        nonce, now = new_nonce(), time.monotonic()
+        with self._lock:
+            while self._issued and (
+                len(self._issued) >= self.cap or next(iter(self._issued.values())) <= now
+            ):
+                self._issued.popitem(last=False)
+            self._issued[nonce] = now + self.ttl
+        return nonce
+
+    def redeem(self, nonce: bytes) -> bool:
+        """True once for a nonce issued here and not yet expired."""
+        with self._lock:
+            expiry = self._issued.pop(nonce, None)
+        return expiry is not None and expiry > time.monotonic()
+
+    def __len__(self) -> int:
+        return len(self._issued)
+
+
 def client_mac(
     secret: bytes, server_nonce: bytes, client_nonce: bytes, layout: bytes, nixl_agent_metadata: bytes
 ) -> bytes:
@@ -54,6 +90,15 @@ def server_mac(
     nixl_agent_metadata: bytes,
 ) -> bytes:
     return _mac(secret, b"server", client_nonce, server_nonce, session.encode(), layout, nixl_agent_metadata)
+
+
+def chunk_key(secret: bytes, client_nonce: bytes, server_nonce: bytes, session: str) -> bytes:
+    return _mac(secret, b"chunk", client_nonce, server_nonce, session.encode())
+
+
+def chunk_mac(key: bytes, data: bytes | memoryview) -> bytes:
+    """The MAC of one chunk header (or of a serialized completion), under the session's chunk key."""
+    return hmac.new(key, data, hashlib.sha256).digest()
 
 
 def verify(expected: bytes, given: bytes) -> bool:

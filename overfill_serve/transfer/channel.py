@@ -1,13 +1,18 @@
 """`KVChannel`: an authenticated connection to one prefill worker's KV server — a decode worker's, which pulls
 KV into its pool through a transport, or a control-only one (release / renew / abort), as the ingress uses
-through `TransferControl`."""
+through `TransferControl`.
+
+A call refused as unauthenticated (the prefill worker restarted on the same address, or the session expired)
+re-handshakes once and is retried: a cached channel outlives its peer's restarts."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import msgpack
@@ -25,6 +30,7 @@ from overfill_serve.transfer.status import error_from_rpc
 from overfill_serve.transfer.transport import KVTransport, Link
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -70,15 +76,23 @@ class KVChannel:
             transport = make_transport(config.backend, cache)
         self.transport = transport
         opts = [
-            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_request_bytes),
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.keepalive_time_ms", 10_000),
             ("grpc.keepalive_timeout_ms", 5_000),
         ]
-        self.grpc_channel = grpc.insecure_channel(address, options=opts)
+        if config.tls:
+            cert, key, ca = config.tls_files()
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=ca, private_key=key, certificate_chain=cert
+            )
+            self.grpc_channel = grpc.secure_channel(address, creds, options=opts)
+        else:
+            self.grpc_channel = grpc.insecure_channel(address, options=opts)
         self.stub = pb_grpc.KVTransferStub(self.grpc_channel)
         self.metadata: tuple[tuple[str, str], ...] = ()
         self.link: Link | None = None
+        self._handshake_lock = threading.Lock()
 
     def connect(self) -> KVChannel:
         """Challenge-response handshake: both sides prove the secret, both check the layouts."""
@@ -112,8 +126,9 @@ class KVChannel:
         )
         if not auth.verify(expected, response.mac):
             raise AuthenticationError(f"{self.address} failed to prove the cluster secret")
-        self.metadata = ((SESSION_KEY, response.session),)
+        metadata = ((SESSION_KEY, response.session),)
         if self.layout is None or self.transport is None:
+            self.metadata = metadata
             return self  # control only
         remote = KVLayout.from_dict(msgpack.unpackb(response.layout))
         problems = remote.mismatches(self.layout)
@@ -123,8 +138,10 @@ class KVChannel:
         pull_raw = self.grpc_channel.unary_stream(
             "/overfill.v1.KVTransfer/Pull", request_serializer=pb.PullRequest.SerializeToString
         )
-        self.link = Link(self.address, self.stub, pull_raw, self.metadata, self.layout, remote, self.config)
-        self.transport.connected(self.link, response)
+        key = auth.chunk_key(self.secret, client_nonce, server_nonce, response.session)
+        link = Link(self.address, self.stub, pull_raw, metadata, self.layout, remote, self.config, key)
+        self.transport.connected(link, response)
+        self.metadata, self.link = metadata, link
         return self
 
     def pull(
@@ -135,9 +152,12 @@ class KVChannel:
         assert self.link is not None and self.transport is not None, (
             "connect() first, on a channel that pulls"
         )
+        transport = self.transport
         start = time.perf_counter()
         try:
-            received = self.transport.receive(self.link, transfer_id, dest_blocks, num_tokens)
+            received = self._authenticated(
+                lambda: transport.receive(self._link(), transfer_id, dest_blocks, num_tokens)
+            )
         except TransferError as e:
             self.abort(transfer_id, str(e))
             raise
@@ -182,7 +202,27 @@ class KVChannel:
         self.grpc_channel.close()
 
     def _control(self, rpc: Any, request: Any, what: str) -> Any:
+        def call() -> Any:
+            try:
+                return rpc(request, metadata=self.metadata, timeout=self.config.timeout_seconds)
+            except grpc.RpcError as e:
+                raise error_from_rpc(e, f"{what} with {self.address}") from None
+
+        return self._authenticated(call)
+
+    def _authenticated(self, call: Callable[[], T]) -> T:
+        """`call()`, and if the peer no longer knows our session, once more after a new handshake. (A refused
+        session fails a call before it reads or writes any KV, so the retry is safe.)"""
+        session = self.metadata
         try:
-            return rpc(request, metadata=self.metadata, timeout=self.config.timeout_seconds)
-        except grpc.RpcError as e:
-            raise error_from_rpc(e, f"{what} with {self.address}") from None
+            return call()
+        except AuthenticationError:
+            with self._handshake_lock:
+                if self.metadata == session:  # not already renewed by a concurrent call
+                    log.info("KV channel to %s: session refused, handshaking again", self.address)
+                    self.connect()
+            return call()
+
+    def _link(self) -> Link:
+        assert self.link is not None, "connect() first, on a channel that pulls"
+        return self.link

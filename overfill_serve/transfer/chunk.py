@@ -60,8 +60,9 @@ def make_chunk(
     return ChunkHeader(transfer_id, layer, block_start, block_count, nbytes, crc)
 
 
-# -- the KVChunk message on the wire (protos/overfill/v1/kv_transfer.proto: header = 1, payload = 2, done = 3)
-_HEADER_TAG, _PAYLOAD_TAG, _DONE_TAG = b"\x0a", b"\x12", b"\x1a"  # field number << 3 | 2 (length-delimited)
+# -- the KVChunk message on the wire (kv_transfer.proto: header = 1, payload = 2, done = 3, mac = 5)
+_HEADER_TAG, _PAYLOAD_TAG, _DONE_TAG, _MAC_TAG = b"\x0a", b"\x12", b"\x1a", b"\x2a"  # field << 3 | 2
+_TAGS = (_HEADER_TAG, _PAYLOAD_TAG, _DONE_TAG, _MAC_TAG)
 
 
 def _varint(n: int) -> bytes:
@@ -73,16 +74,29 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-def encode_chunk_message(header: bytes, payload: Sequence[memoryview] | bytes) -> bytes:
-    """A `KVChunk` with header and payload, serialized: the payload parts are copied once, into it."""
+def encode_chunk_message(header: bytes, payload: Sequence[memoryview] | bytes, mac: bytes = b"") -> bytes:
+    """A `KVChunk` with header, payload and the header's MAC (none if empty), serialized: the payload parts
+    are copied once, into it."""
     parts = [payload] if isinstance(payload, bytes) else payload
     size = sum(memoryview(p).nbytes for p in parts)
-    return b"".join((_HEADER_TAG, _varint(len(header)), header, _PAYLOAD_TAG, _varint(size), *parts))
+    signed = (_MAC_TAG, _varint(len(mac)), mac) if mac else ()
+    return b"".join((_HEADER_TAG, _varint(len(header)), header, *signed, _PAYLOAD_TAG, _varint(size), *parts))
+
+
+def encode_done_message(done: bytes, mac: bytes) -> bytes:
+    """The last `KVChunk`: a serialized `Completion` and its MAC."""
+    return b"".join((_DONE_TAG, _varint(len(done)), done, _MAC_TAG, _varint(len(mac)), mac))
 
 
 def decode_chunk_message(data: bytes) -> tuple[memoryview, memoryview, bytes | None]:
-    """(header, payload, done) of a serialized `KVChunk`; header and payload are views into `data`, `done`
-    the serialized `Completion` of the last message (else None). Raises `ChunkError` on anything else."""
+    """`decode_signed_chunk` without the MAC."""
+    return decode_signed_chunk(data)[:3]
+
+
+def decode_signed_chunk(data: bytes) -> tuple[memoryview, memoryview, bytes | None, bytes]:
+    """(header, payload, done, mac) of a serialized `KVChunk`; header and payload are views into `data`,
+    `done` the serialized `Completion` of the last message (else None). Raises `ChunkError` on anything
+    else."""
     view, pos, fields = memoryview(data), 0, {}
     while pos < len(view):
         tag = bytes(view[pos : pos + 1])
@@ -94,7 +108,7 @@ def decode_chunk_message(data: bytes) -> tuple[memoryview, memoryview, bytes | N
             length, shift, pos = length | (byte & 0x7F) << shift, shift + 7, pos + 1
             if byte < 0x80:
                 break
-        if tag not in (_HEADER_TAG, _PAYLOAD_TAG, _DONE_TAG) or pos + length > len(view):
+        if tag not in _TAGS or pos + length > len(view):
             raise ChunkError("malformed KV chunk message")
         fields[tag], pos = view[pos : pos + length], pos + length
     done = fields.get(_DONE_TAG)
@@ -103,6 +117,7 @@ def decode_chunk_message(data: bytes) -> tuple[memoryview, memoryview, bytes | N
         fields.get(_HEADER_TAG, empty),
         fields.get(_PAYLOAD_TAG, empty),
         None if done is None else bytes(done),
+        bytes(fields.get(_MAC_TAG, empty)),
     )
 
 

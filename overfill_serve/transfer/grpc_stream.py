@@ -8,7 +8,8 @@ import grpc
 
 from overfill_serve._proto.overfill.v1 import kv_transfer_pb2 as pb
 from overfill_serve.errors import ChunkError
-from overfill_serve.transfer.chunk import ChunkHeader, check_chunk, decode_chunk_message
+from overfill_serve.transfer import auth
+from overfill_serve.transfer.chunk import ChunkHeader, check_chunk, decode_signed_chunk
 from overfill_serve.transfer.status import error_from_rpc
 from overfill_serve.transfer.transport import KVTransport, Link, Received, completion_from_pb
 
@@ -27,12 +28,17 @@ class GrpcStreamTransport(KVTransport):
         )
         try:
             for data in stream:
-                raw_header, payload, done = decode_chunk_message(data)  # views into `data`: no copies
+                raw_header, payload, done, mac = decode_signed_chunk(data)  # views into `data`: no copies
+                signed = raw_header if done is None else done
+                if not auth.verify(auth.chunk_mac(link.chunk_key, signed), mac):
+                    raise ChunkError(f"transfer {transfer_id}: a chunk header or completion fails its MAC")
                 if done is not None:
                     missing = sum(len(dest_blocks) - len(got) for got in received.values())
                     if missing:
                         raise ChunkError(f"transfer {transfer_id} completed with {missing} blocks never sent")
-                    completion = completion_from_pb(pb.Completion.FromString(done), num_tokens)
+                    completion = completion_from_pb(
+                        pb.Completion.FromString(done), num_tokens, layout.vocab_size
+                    )
                     return Received(completion, nbytes, first_byte_at)
                 header = ChunkHeader.decode(raw_header)
                 check_chunk(

@@ -21,13 +21,14 @@ from overfill_serve.errors import (
     TransferTimeoutError,
 )
 from overfill_serve.kv.paged_cache import PagedKVCache
+from overfill_serve.transfer.config import READ_GRACE_SECONDS
 from overfill_serve.transfer.nixl_agent import NixlAgent, RemotePool, backoff, encode_hello, nixl_error
 from overfill_serve.transfer.status import error_from_rpc
 from overfill_serve.transfer.transport import KVTransport, Link, Received, completion_from_pb
 
 log = logging.getLogger(__name__)
 
-CANCEL_GRACE_SECONDS = 5.0  # how long a failed receive waits for a read NIXL could not cancel
+CANCEL_GRACE_SECONDS = READ_GRACE_SECONDS  # how long a failed receive waits for a read NIXL could not cancel
 
 
 _decode_agents: dict[int, tuple[NixlAgent, int]] = {}  # id(pool tensor) -> (agent, users): one per pool
@@ -236,20 +237,25 @@ class NixlTransport(KVTransport):
         seen: set[int] = set()
         nbytes, first_byte_at = 0, 0.0
         reads = _Reads(agent, remote, remote_name, transfer_id)
+        # The prefill side keeps the blocks pinned while this call is open: it must outlast our reads (and
+        # their cancellation), so the call's deadline covers them and our own waits end before it.
         timeout = link.config.timeout_seconds
+        deadline = time.monotonic() + 2 * timeout + 2 * CANCEL_GRACE_SECONDS
         stream = link.stub.Describe(
-            pb.PullRequest(transfer_id=transfer_id), metadata=link.metadata, timeout=timeout
+            pb.PullRequest(transfer_id=transfer_id),
+            metadata=link.metadata,
+            timeout=deadline - time.monotonic(),
         )
         try:
             for msg in stream:
                 if msg.HasField("done"):
-                    completion = completion_from_pb(msg.done, num_tokens)
+                    completion = completion_from_pb(msg.done, num_tokens, link.layout.vocab_size)
                     missing = sorted(set(link.layout.kept_layers) - seen)
                     if missing:
                         raise ChunkError(
                             f"transfer {transfer_id} completed with layers {missing} never described"
                         )
-                    reads.wait(timeout)
+                    reads.wait(min(timeout, deadline - time.monotonic() - 2 * CANCEL_GRACE_SECONDS))
                     reads.notify(transfer_id)
                     return Received(completion, nbytes, first_byte_at)
                 j = link.layout.local_layer(msg.layer)

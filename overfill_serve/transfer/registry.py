@@ -2,8 +2,10 @@
 
 Ownership of a transfer's blocks is explicit: while the request is prefilling, the prefill engine owns them;
 once the prefill completes (`complete`), the registry holds them under a lease until the decode side releases
-them, either side aborts, or the lease runs out. Engine-thread calls (`layer_done`, `complete`) and channel
-threads (`wait_*`, `release`, `abort`, `sweep`) meet under one condition variable.
+them, either side aborts, or the lease runs out. A transfer being read (`pin`: a pull or a NIXL reader) does
+not expire, and if it ends meanwhile its blocks are freed (or its prefill dropped) only when the last reader
+unpins, so no block is reused while a peer may still read it. Engine-thread calls (`layer_done`, `complete`)
+and channel threads meet under one condition variable; `subscribe` lets an event loop wait without a thread.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from overfill_serve.errors import TransferAbortedError, TransferNotFoundError, TransferTimeoutError
+from overfill_serve.errors import TransferAbortedError, TransferNotFoundError
 from overfill_serve.kv.block_pool import BlockPool
 from overfill_serve.request import Request, TokenLogprob
 
@@ -58,6 +60,8 @@ class Transfer:
     completion: Completion | None = None
     lease_deadline: float = float("inf")
     reason: str = ""
+    readers: int = 0  # pulls or NIXL reads in progress: while > 0, the blocks stay put
+    held: bool = False  # the registry (not the engine) owns the blocks: the prefill completed
 
     @property
     def block_ids(self) -> list[int]:
@@ -73,6 +77,8 @@ class TransferRegistry:
         self._abort_prefill = abort_prefill  # asks the engine thread to drop a request still prefilling
         self._transfers: dict[str, Transfer] = {}
         self._ended: OrderedDict[str, tuple[TransferState, str]] = OrderedDict()  # recent, for clear errors
+        self._draining: dict[str, Transfer] = {}  # ended, but still read: disposed of at the last unpin
+        self._listeners: list[Callable[[], None]] = []
         self._cond = threading.Condition()
 
     # -- engine side ---------------------------------------------------------------------------------------
@@ -87,38 +93,70 @@ class TransferRegistry:
             transfer = self._transfers.get(transfer_id)
             if transfer is not None:
                 transfer.layers_done[layer] = ready
-                self._cond.notify_all()
+                self._changed()
 
     def complete(self, transfer_id: str, request: Request, completion: Completion) -> None:
         """The prefill finished: the registry takes over the request's blocks and starts the lease."""
         with self._cond:
             transfer = self._transfers.get(transfer_id)
             if transfer is None:
+                draining = self._draining.get(transfer_id)
+                if draining is not None:  # aborted while read: the last reader frees the blocks
+                    draining.held = True
+                    return
                 # Aborted while the engine was finishing it: the blocks are ours to return now.
                 self.pool.free(request.block_table)
                 request.block_table = []
                 return
             transfer.completion = completion
-            transfer.state = TransferState.READY
+            transfer.state, transfer.held = TransferState.READY, True
             transfer.lease_deadline = time.monotonic() + self.lease_seconds
-            self._cond.notify_all()
+            self._changed()
 
     # -- channel side --------------------------------------------------------------------------------------
-    def wait_layer(self, transfer_id: str, layer: int, timeout: float) -> Transfer:
-        """Block until `layer`'s KV is final and in memory (or the whole prefill is), within `timeout` seconds:
-        nobody reads a layer whose kernels are only queued (an RDMA read would see stale KV)."""
-        transfer = self._wait(
-            transfer_id, timeout, lambda t: layer in t.layers_done or t.completion is not None
-        )
-        ready = transfer.layers_done.get(layer)
-        if ready is not None:
-            ready.synchronize()  # outside the lock: only this reader waits
-        return transfer
+    def layer(self, transfer_id: str, layer: int) -> tuple[Transfer, Ready | None] | None:
+        """(transfer, readiness) once `layer`'s KV is final (or the whole prefill is), else None; raises if
+        the transfer is gone. Nobody may read the layer before `readiness` completes (on a GPU its kernels
+        may only be queued: an RDMA read would see stale KV)."""
+        with self._cond:
+            transfer = self._live(transfer_id)
+            if layer in transfer.layers_done:
+                return transfer, transfer.layers_done[layer]
+            return (transfer, None) if transfer.completion is not None else None
 
-    def wait_complete(self, transfer_id: str, timeout: float) -> Completion:
-        transfer = self._wait(transfer_id, timeout, lambda t: t.completion is not None)
-        assert transfer.completion is not None
-        return transfer.completion
+    def completion(self, transfer_id: str) -> Completion | None:
+        """The transfer's completion once the prefill is done, else None; raises if the transfer is gone."""
+        with self._cond:
+            return self._live(transfer_id).completion
+
+    def is_open(self, transfer_id: str) -> bool:
+        with self._cond:
+            return transfer_id in self._transfers
+
+    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener` (under the registry's lock: it must only schedule work) on every change; returns
+        the function that unsubscribes it."""
+        with self._cond:
+            self._listeners.append(listener)
+        return lambda: self._unsubscribe(listener)
+
+    def pin(self, transfer_id: str) -> None:
+        """A reader starts: until its `unpin`, the lease cannot expire and the blocks are not reused."""
+        with self._cond:
+            self._live(transfer_id).readers += 1
+
+    def unpin(self, transfer_id: str) -> None:
+        with self._cond:
+            transfer = self._transfers.get(transfer_id) or self._draining.get(transfer_id)
+            assert transfer is not None and transfer.readers > 0, "unpin without pin"
+            transfer.readers -= 1
+            if transfer.readers or self._draining.get(transfer_id) is not transfer:
+                return
+            del self._draining[transfer_id]
+            drop_prefill = self._dispose(transfer)
+            self._changed()
+        if drop_prefill:
+            self._drop_prefill(transfer)
 
     def release(self, transfer_id: str) -> None:
         """The decode side has the KV: free the blocks now."""
@@ -139,7 +177,9 @@ class TransferRegistry:
         """Expire the transfers whose lease ran out; returns their ids."""
         now = time.monotonic()
         with self._cond:
-            expired = [t.transfer_id for t in self._transfers.values() if t.lease_deadline <= now]
+            expired = [
+                t.transfer_id for t in self._transfers.values() if t.lease_deadline <= now and not t.readers
+            ]
         for transfer_id in expired:
             self._end(transfer_id, TransferState.EXPIRED, "lease expired")
         return expired
@@ -151,12 +191,18 @@ class TransferRegistry:
     def wait_empty(self, timeout: float) -> bool:
         """Block until no transfer is open (each pulled, aborted or expired), within `timeout` seconds."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._transfers, timeout)
+            return self._cond.wait_for(lambda: not self._transfers and not self._draining, timeout)
 
     @property
     def num_open(self) -> int:
+        """Transfers whose blocks are still held (ended ones included while a reader finishes)."""
         with self._cond:
-            return len(self._transfers)
+            return len(self._transfers) + len(self._draining)
+
+    @property
+    def num_readers(self) -> int:
+        with self._cond:
+            return sum(t.readers for t in (*self._transfers.values(), *self._draining.values()))
 
     # -- internals -----------------------------------------------------------------------------------------
     def _live(self, transfer_id: str) -> Transfer:
@@ -170,34 +216,42 @@ class TransferRegistry:
             raise TransferNotFoundError(f"transfer {transfer_id} is gone: {reason}")
         raise TransferNotFoundError(f"transfer {transfer_id!r} is unknown")
 
-    def _wait(self, transfer_id: str, timeout: float, ready: Callable[[Transfer], bool]) -> Transfer:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                transfer = self._live(transfer_id)
-                if ready(transfer):
-                    return transfer
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TransferTimeoutError(
-                        f"transfer {transfer_id}: prefill not ready within {timeout:.1f}s"
-                    )
-                self._cond.wait(left)
-
     def _end(self, transfer_id: str, state: TransferState, reason: str) -> None:
         with self._cond:
             transfer = self._transfers.pop(transfer_id, None)
             if transfer is None:
                 return
-            prefilling = transfer.state is TransferState.PREFILLING
             transfer.state, transfer.reason = state, reason
             self._ended[transfer_id] = (state, reason)
             while len(self._ended) > MAX_TOMBSTONES:
                 self._ended.popitem(last=False)
-            if not prefilling:
-                self.pool.free(transfer.block_ids)
-                transfer.request.block_table = []
-            # A transfer still prefilling is gone from the book: `complete` will find nothing and free.
-            self._cond.notify_all()
-        if prefilling and self._abort_prefill is not None:
+            drop_prefill = False
+            if transfer.readers:
+                self._draining[transfer_id] = transfer
+            else:
+                drop_prefill = self._dispose(transfer)
+            self._changed()
+        if drop_prefill:
+            self._drop_prefill(transfer)
+
+    def _dispose(self, transfer: Transfer) -> bool:
+        """Free a held transfer's blocks (under the lock); True if its prefill must be dropped instead (the
+        engine owns the blocks: `complete` will find nothing and free them)."""
+        if not transfer.held:
+            return True
+        self.pool.free(transfer.block_ids)
+        transfer.request.block_table = []
+        return False
+
+    def _drop_prefill(self, transfer: Transfer) -> None:
+        if self._abort_prefill is not None:
             self._abort_prefill(transfer.request.request_id)
+
+    def _changed(self) -> None:
+        self._cond.notify_all()
+        for listener in self._listeners:
+            listener()
+
+    def _unsubscribe(self, listener: Callable[[], None]) -> None:
+        with self._cond:
+            self._listeners.remove(listener)

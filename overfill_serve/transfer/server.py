@@ -1,35 +1,41 @@
-"""`KVTransferServer`: the prefill side of the KV channel, a gRPC server on the worker's KV pool.
+"""`KVTransferServer`: the prefill side of the KV channel, an asyncio gRPC server on the worker's KV pool.
 
 Control plane for every backend (challenge/handshake, release, lease renewal, abort) and the gRPC data plane
-(`Pull` streams each kept layer's blocks as soon as the prefill has computed that layer). A decode peer that
-disconnects mid-pull aborts its transfer, so its blocks come back at once.
+(`Pull` streams each kept layer's blocks as soon as the prefill has computed that layer). Every call is a
+coroutine on one event loop: a pull waiting for a layer holds no thread, so control calls never queue behind
+data calls. A transfer is pinned while a call reads it (its blocks are not reused under a reader), and a peer
+that disconnects mid-pull aborts its transfer, so its blocks come back at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from collections.abc import Callable, Iterator
-from concurrent import futures
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import msgpack
 
 from overfill_serve._proto.overfill.v1 import kv_transfer_pb2 as pb
 from overfill_serve._proto.overfill.v1 import kv_transfer_pb2_grpc as pb_grpc
-from overfill_serve.errors import LayoutMismatchError, TransferError
+from overfill_serve.errors import LayoutMismatchError, TransferError, TransferTimeoutError
 from overfill_serve.kv.paged_cache import PagedKVCache
 from overfill_serve.model.spec import KVLayout
 from overfill_serve.transfer import auth
-from overfill_serve.transfer.chunk import encode_chunk_message, make_chunk
-from overfill_serve.transfer.config import SESSION_KEY, TransferConfig
-from overfill_serve.transfer.registry import Completion, TransferRegistry
+from overfill_serve.transfer.chunk import encode_chunk_message, encode_done_message, make_chunk
+from overfill_serve.transfer.config import READ_GRACE_SECONDS, SESSION_KEY, TransferConfig
+from overfill_serve.transfer.registry import Completion, Transfer, TransferRegistry
 from overfill_serve.transfer.status import status_of
+from overfill_serve.transfer.waiting import until_changed
 
 log = logging.getLogger(__name__)
 ChunkFilter = Callable[[bytes, bytes], tuple[bytes, bytes]]  # test hook: (header, payload) -> sent pair
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,8 @@ class Session:
     client_id: str
     layout: KVLayout | None  # the decode side's: its kept layers are what it pulls (None: control only)
     backend: str
+    chunk_key: bytes  # signs this session's chunk headers and completions
+    expires_at: float  # time.monotonic(); then the peer must handshake again
 
 
 def completion_to_pb(c: Completion) -> pb.Completion:
@@ -61,22 +69,18 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         self.cache, self.registry, self.layout, self.config = cache, registry, layout, config
         self.secret = secret
         self.nixl_source = nixl_source  # created on the first NIXL handshake (the pool registered once)
-        self._nonces: set[bytes] = set()
+        self._nonces = auth.Nonces(config.timeout_seconds, config.max_challenges)
         self._sessions: dict[str, Session] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # sessions: the loop and the sweeper
         self.chunk_filter: ChunkFilter | None = None
+        self.blocking: ThreadPoolExecutor | None = None  # the server's, for the few steps that block
 
     # -- control plane -------------------------------------------------------------------------------------
-    def Challenge(self, request: pb.ChallengeRequest, context: grpc.ServicerContext) -> pb.ChallengeResponse:
-        nonce = auth.new_nonce()
-        with self._lock:
-            self._nonces.add(nonce)
-        return pb.ChallengeResponse(server_nonce=nonce)
+    async def Challenge(self, request: pb.ChallengeRequest, context: Any) -> pb.ChallengeResponse:
+        return pb.ChallengeResponse(server_nonce=self._nonces.issue())
 
-    def Handshake(self, request: pb.HandshakeRequest, context: grpc.ServicerContext) -> pb.HandshakeResponse:
-        with self._lock:
-            fresh = request.server_nonce in self._nonces
-            self._nonces.discard(request.server_nonce)  # each challenge answers once: no replays
+    async def Handshake(self, request: pb.HandshakeRequest, context: Any) -> pb.HandshakeResponse:
+        fresh = self._nonces.redeem(request.server_nonce)  # each challenge answers once: no replays
         expected = auth.client_mac(
             self.secret,
             request.server_nonce,
@@ -86,26 +90,22 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         )
         if not fresh or not auth.verify(expected, request.mac):
             log.warning("refused KV-channel peer %r: bad secret or stale challenge", request.client_id)
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "peer failed the cluster-secret challenge")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "peer failed the cluster-secret challenge")
         # A control-only peer (no layout) may release, renew and abort, never pull.
-        theirs = self._peer_layout(request.layout, context) if request.layout else None
+        theirs = await self._peer_layout(request.layout, context) if request.layout else None
         response = pb.HandshakeResponse(layout=msgpack.packb(self.layout.to_dict()))
         if request.backend == "nixl":
-            from overfill_serve.transfer.nixl_source import NixlSource
-
             try:
-                with self._lock:
-                    if self.nixl_source is None:
-                        self.nixl_source = NixlSource(self.cache, self.registry)
-                self.nixl_source.add_peer(request.nixl_agent_metadata)
+                source = await self._blocking(self._nixl_peer, request.nixl_agent_metadata)
             except TransferError as e:  # no NIXL here, or an unreadable hello: typed, not UNKNOWN
                 log.warning("NIXL handshake with %r failed: %s", request.client_id, e)
-                context.abort(status_of(e), str(e))
-            response.nixl_agent_metadata = self.nixl_source.metadata
-            response.nixl_agent_name = self.nixl_source.name
+                await self._abort(context, e)
+            response.nixl_agent_metadata, response.nixl_agent_name = source.metadata, source.name
         session = auth.new_session()
+        key = auth.chunk_key(self.secret, request.client_nonce, request.server_nonce, session)
+        expires_at = time.monotonic() + self.config.session_seconds
         with self._lock:
-            self._sessions[session] = Session(request.client_id, theirs, request.backend)
+            self._sessions[session] = Session(request.client_id, theirs, request.backend, key, expires_at)
         response.session = session
         response.mac = auth.server_mac(
             self.secret,
@@ -117,108 +117,175 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         )
         return response
 
-    def Release(self, request: pb.TransferRef, context: grpc.ServicerContext) -> pb.Ack:
-        self._session(context)
+    async def Release(self, request: pb.TransferRef, context: Any) -> pb.Ack:
+        await self._session(context)
         self.registry.release(request.transfer_id)
         return pb.Ack()
 
-    def RenewLease(self, request: pb.TransferRef, context: grpc.ServicerContext) -> pb.LeaseResponse:
-        self._session(context)
-        return pb.LeaseResponse(seconds_left=self._call(context, self.registry.renew, request.transfer_id))
+    async def RenewLease(self, request: pb.TransferRef, context: Any) -> pb.LeaseResponse:
+        await self._session(context)
+        return pb.LeaseResponse(
+            seconds_left=await self._call(context, self.registry.renew, request.transfer_id)
+        )
 
-    def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.Ack:
-        self._session(context)
+    async def Abort(self, request: pb.AbortRequest, context: Any) -> pb.Ack:
+        await self._session(context)
         self.registry.abort(request.transfer_id, f"aborted by the decode side: {request.reason}")
         return pb.Ack()
 
+    @property
+    def pending_challenges(self) -> int:
+        return len(self._nonces)
+
+    def expire_sessions(self) -> int:
+        now = time.monotonic()
+        with self._lock:
+            stale = [token for token, s in self._sessions.items() if s.expires_at <= now]
+            for token in stale:
+                del self._sessions[token]
+        return len(stale)
+
     # -- data plane ----------------------------------------------------------------------------------------
-    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+    async def Pull(self, request: pb.PullRequest, context: Any) -> AsyncIterator[bytes]:
         """Serialized `KVChunk`s (see `KVTransferServer`: Pull's responses go out as bytes, built here with
-        one copy of each run of blocks)."""
-        _, layout = self._pulling_session(context)
-        tid, timeout = request.transfer_id, self.config.timeout_seconds
+        one copy of each run of blocks), each header signed with the session's chunk key."""
+        session, layout = await self._pulling_session(context)
+        tid = request.transfer_id
         chunk_bytes = min(request.max_chunk_bytes or self.config.chunk_bytes, self.config.chunk_bytes)
         per_chunk = max(1, chunk_bytes // (2 * self.cache.block_bytes))
-        complete = self._abort_unless_completed(context, tid)
+        complete = await self._read(context, tid)
         for layer in layout.kept_layers:
-            transfer = self._call(context, self.registry.wait_layer, tid, layer, timeout)
-            blocks = list(transfer.block_ids)
+            blocks = list((await self._layer(context, tid, layer)).block_ids)
             for start in range(0, len(blocks), per_chunk):
                 run = blocks[start : start + per_chunk]
                 parts = self.cache.block_bytes_parts(layer, run)
                 header = make_chunk(tid, layer, start, len(run), parts).encode()
                 payload: list[memoryview] | bytes = parts
                 if self.chunk_filter is not None:
-                    header, payload = self.chunk_filter(header, b"".join(parts))
-                yield encode_chunk_message(header, payload)
-        completion = self._call(context, self.registry.wait_complete, tid, timeout)
+                    header, payload = await self._blocking(self.chunk_filter, header, b"".join(parts))
+                yield encode_chunk_message(header, payload, auth.chunk_mac(session.chunk_key, header))
+        done = completion_to_pb(await self._completion(context, tid)).SerializeToString()
         complete.set()
-        yield pb.KVChunk(done=completion_to_pb(completion)).SerializeToString()
+        yield encode_done_message(done, auth.chunk_mac(session.chunk_key, done))
 
-    def Describe(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.LayerReady]:
-        session, layout = self._pulling_session(context)
+    async def Describe(self, request: pb.PullRequest, context: Any) -> AsyncIterator[pb.LayerReady]:
+        session, layout = await self._pulling_session(context)
         if self.nixl_source is None or session.backend != "nixl":
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Describe needs a NIXL handshake")
-        tid, timeout = request.transfer_id, self.config.timeout_seconds
-        complete = self._abort_unless_completed(context, tid)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Describe needs a NIXL handshake")
+        tid = request.transfer_id
+        complete = await self._read(context, tid, linger=READ_GRACE_SECONDS)
         for layer in layout.kept_layers:
-            transfer = self._call(context, self.registry.wait_layer, tid, layer, timeout)
+            transfer = await self._layer(context, tid, layer)
             yield self.nixl_source.describe(layer, list(transfer.block_ids))
-        completion = self._call(context, self.registry.wait_complete, tid, timeout)
+        completion = await self._completion(context, tid)
         complete.set()
         yield pb.LayerReady(done=completion_to_pb(completion))
+        # The reader's READs may still be in flight: keep the pin until it is done with them (its NIXL
+        # notification or Release ends the transfer, or it ends this call), within its own bound.
+        bound = self.config.timeout_seconds + READ_GRACE_SECONDS
+        await until_changed(
+            self.registry.subscribe, lambda: None if self.registry.is_open(tid) else True, bound
+        )
 
     # -- helpers -------------------------------------------------------------------------------------------
-    def _session(self, context: grpc.ServicerContext) -> Session:
+    async def _read(self, context: Any, transfer_id: str, linger: float = 0.0) -> threading.Event:
+        """Pin the transfer for this call. A call that ends before its last message (the peer died, cancelled
+        or stalled past the bound) aborts the transfer, so its blocks come back now rather than at the end
+        of the lease; `linger`: how long they stay pinned after such an end (a NIXL reader may still be
+        cancelling reads of the layers it was given)."""
+        await self._call(context, self.registry.pin, transfer_id)
+        complete, loop = threading.Event(), asyncio.get_running_loop()
+
+        def on_done(_: Any) -> None:
+            if complete.is_set():
+                self.registry.unpin(transfer_id)
+                return
+            self.registry.abort(transfer_id, "the pull ended before the transfer completed")
+            loop.call_later(linger, self.registry.unpin, transfer_id)
+
+        context.add_done_callback(on_done)
+        return complete
+
+    async def _layer(self, context: Any, transfer_id: str, layer: int) -> Transfer:
+        """The transfer once `layer`'s KV is final and in memory."""
+        found = await self._wait(context, transfer_id, lambda: self.registry.layer(transfer_id, layer))
+        transfer, ready = found
+        if ready is not None:
+            await self._blocking(ready.synchronize)  # a GPU event: only its kernels' tail
+        return transfer
+
+    async def _completion(self, context: Any, transfer_id: str) -> Completion:
+        return await self._wait(context, transfer_id, lambda: self.registry.completion(transfer_id))
+
+    async def _wait(self, context: Any, transfer_id: str, check: Callable[[], T | None]) -> T:
+        timeout = self.config.timeout_seconds
+        try:
+            found = await until_changed(self.registry.subscribe, check, timeout)
+        except TransferError as e:
+            await self._abort(context, e)
+        if found is None:
+            await self._abort(
+                context,
+                TransferTimeoutError(f"transfer {transfer_id}: prefill not ready within {timeout:.1f}s"),
+            )
+        return found
+
+    async def _session(self, context: Any) -> Session:
         token = dict(context.invocation_metadata()).get(SESSION_KEY)
         with self._lock:
             session = self._sessions.get(token) if isinstance(token, str) else None
-        if session is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "no valid session: handshake first")
+        if session is None or session.expires_at <= time.monotonic():
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no valid session: handshake first")
         return session  # type: ignore[return-value]
 
-    def _pulling_session(self, context: grpc.ServicerContext) -> tuple[Session, KVLayout]:
-        session = self._session(context)
+    async def _pulling_session(self, context: Any) -> tuple[Session, KVLayout]:
+        session = await self._session(context)
         if session.layout is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a control-only session cannot pull")
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a control-only session cannot pull")
         return session, session.layout  # type: ignore[return-value]
 
-    def _peer_layout(self, raw: bytes, context: grpc.ServicerContext) -> KVLayout:
+    async def _peer_layout(self, raw: bytes, context: Any) -> KVLayout:
         """The decode side's layout, if this teacher's KV fits it; else the handshake is refused."""
         try:
             theirs = KVLayout.from_dict(msgpack.unpackb(raw))
         except Exception as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unreadable KV layout: {e}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unreadable KV layout: {e}")
         problems = self.layout.mismatches(theirs)
         if problems:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(LayoutMismatchError(problems)))
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(LayoutMismatchError(problems)))
         return theirs
 
-    def _call(self, context: grpc.ServicerContext, fn: Callable[..., Any], *args: Any) -> Any:
+    def _nixl_peer(self, hello: bytes) -> Any:
+        """The NIXL source (created on first use), with the decode side's agent loaded."""
+        from overfill_serve.transfer.nixl_source import NixlSource
+
+        with self._lock:
+            if self.nixl_source is None:
+                self.nixl_source = NixlSource(self.cache, self.registry)
+        self.nixl_source.add_peer(hello)
+        return self.nixl_source
+
+    async def _call(self, context: Any, fn: Callable[..., T], *args: Any) -> T:
         try:
             return fn(*args)
         except TransferError as e:
-            context.abort(status_of(e), str(e))
+            await self._abort(context, e)
 
-    def _abort_unless_completed(self, context: grpc.ServicerContext, transfer_id: str) -> threading.Event:
-        """A pull that ends before its last message (the peer died, cancelled or stalled past the bound)
-        aborts the transfer, so its blocks come back now rather than at the end of the lease."""
-        complete = threading.Event()
+    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.blocking, fn, *args)
 
-        def on_rpc_done() -> None:
-            if not complete.is_set():
-                self.registry.abort(transfer_id, "the pull ended before the transfer completed")
-
-        context.add_callback(on_rpc_done)
-        return complete
+    @staticmethod
+    async def _abort(context: Any, error: TransferError) -> NoReturn:
+        await context.abort(status_of(error), str(error))
+        raise AssertionError("context.abort returns only by raising")
 
 
 class _PullAsBytes:
     """The generated registration, passed to the real server with `Pull`'s responses sent as the bytes the
     servicer built (no protobuf object or re-serialization on the data path)."""
 
-    def __init__(self, server: grpc.Server) -> None:
-        self.server = server
+    def __init__(self, server: Any) -> None:
+        self.server = server  # a grpc.aio.Server
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
         pass  # rebuilt below from the same method table
@@ -230,37 +297,63 @@ class _PullAsBytes:
 
 
 class KVTransferServer:
-    """Owns the grpc.Server, and a sweeper thread that expires leases."""
+    """Owns the asyncio gRPC server and the thread its event loop runs on, an executor for the few blocking
+    steps, and a sweeper thread that expires leases and sessions."""
 
     def __init__(self, servicer: KVTransferServicer, config: TransferConfig) -> None:
         self.servicer, self.config = servicer, config
-        opts = [
-            ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-        ]
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers), options=opts)
-        pb_grpc.add_KVTransferServicer_to_server(servicer, _PullAsBytes(self.server))
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        self._executor = ThreadPoolExecutor(config.max_workers, thread_name_prefix="kv-server")
+        servicer.blocking = self._executor
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="kv-server", daemon=True)
+        self._thread.start()
+        self.server, self.port = self._run(self._build())
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep, name="kv-lease-sweeper", daemon=True)
 
     @property
     def address(self) -> str:
-        return f"{self.config.host}:{self.port}"
+        return f"{self.config.address_host}:{self.port}"
 
     def start(self) -> KVTransferServer:
-        self.server.start()
+        self._run(self.server.start())
         self._sweeper.start()
         return self
 
     def stop(self, grace: float = 1.0) -> None:
         """Stop serving, then deregister the NIXL pool (after the sweeper's last poll of it)."""
         self._stop.set()
-        self.server.stop(grace).wait()
+        if self._loop.is_running():
+            self._run(self.server.stop(grace))
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5.0)
+        self._executor.shutdown(wait=False, cancel_futures=True)
         if self._sweeper.is_alive():
             self._sweeper.join(timeout=5.0)
         if self.servicer.nixl_source is not None:
             self.servicer.nixl_source.close()
+
+    async def _build(self) -> tuple[Any, int]:
+        config = self.config
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                # Requests are small; a bigger one is refused before it is read (or hashed).
+                ("grpc.max_receive_message_length", config.max_request_bytes),
+            ]
+        )
+        pb_grpc.add_KVTransferServicer_to_server(self.servicer, _PullAsBytes(server))
+        bind = f"{config.host}:{config.port}"
+        if config.tls:
+            cert, key, ca = config.tls_files()
+            creds = grpc.ssl_server_credentials(
+                [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+            )
+            return server, server.add_secure_port(bind, creds)
+        return server, server.add_insecure_port(bind)
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def _sweep(self) -> None:
         period = min(0.2, self.config.lease_seconds / 4)
@@ -268,5 +361,6 @@ class KVTransferServer:
             expired = self.servicer.registry.sweep()
             if expired:
                 log.info("expired %d KV transfer lease(s)", len(expired))
+            self.servicer.expire_sessions()
             if self.servicer.nixl_source is not None:
                 self.servicer.nixl_source.poll_notifications()

@@ -33,6 +33,7 @@ class Link:
     layout: KVLayout  # this side's: the kept layers it receives
     remote_layout: KVLayout
     config: TransferConfig
+    chunk_key: bytes  # the session's: signs each chunk header and the completion
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,14 @@ class KVTransport(ABC):
         pass
 
 
-def completion_from_pb(msg: pb.Completion, expected_tokens: int) -> Completion:
+def completion_from_pb(msg: pb.Completion, expected_tokens: int, vocab_size: int) -> Completion:
+    """The peer's completion, checked: the engine takes its first token as is."""
     if msg.num_tokens != expected_tokens:
         raise ChunkError(f"completion covers {msg.num_tokens} tokens, expected {expected_tokens}")
+    if not all(0 <= t < vocab_size for t in (msg.first_token, *msg.top_ids)):
+        raise ChunkError(f"the peer's first token (or a top token) is outside the vocabulary of {vocab_size}")
+    if msg.has_logprob and len(msg.top_ids) != len(msg.top_logprobs):
+        raise ChunkError("the peer's top logprobs do not match its top tokens")
     logprob = None
     if msg.has_logprob:
         logprob = TokenLogprob(msg.first_token, msg.logprob, tuple(zip(msg.top_ids, msg.top_logprobs)))

@@ -1,17 +1,18 @@
 """`DecodeWorker`: hosts the pruned (student) model, pulls each request's prompt KV from a prefill worker
 through the KV channel into its own pool (kept layers only) and decodes it with continuous batching.
 
-`generate_from(ticket)` pulls in the caller's thread, then streams the engine thread's outputs, the
-teacher's first token first. A request whose KV does not arrive leaves nothing behind: its blocks are freed
-and the prefill side is told to abort. As a `ModelWorker` it also generates locally with the student alone
-(the `pruned` mode).
+`agenerate_from(ticket)` waits for blocks (a coroutine woken when blocks are freed, renewing the prefill
+side's lease meanwhile), pulls on an executor thread, then streams the engine thread's outputs, the teacher's
+first token first. A request whose KV does not arrive leaves nothing behind: its blocks are freed and the
+prefill side is told to abort. KV the prefill side no longer holds (lease expired, replica restarted) and no
+blocks in time both end in an error the dispatcher answers by re-prefilling (migration), not a client error.
+As a `ModelWorker` it also generates locally with the student alone (the `pruned` mode).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -19,16 +20,24 @@ from typing import Any
 
 from overfill_serve.engine.output_processor import StepOutput
 from overfill_serve.engine.sampler import SampledToken
-from overfill_serve.errors import OutOfBlocksError
+from overfill_serve.errors import (
+    OutOfBlocksError,
+    PeerUnavailableError,
+    PreemptedError,
+    TransferNotFoundError,
+)
 from overfill_serve.kv.paged_cache import blocks_for
 from overfill_serve.model.spec import KeptLayers, KVLayout
 from overfill_serve.request import Request, RequestStatus
 from overfill_serve.transfer.channel import KVChannel, TransferStats
 from overfill_serve.transfer.config import TransferConfig
 from overfill_serve.transfer.registry import Completion
+from overfill_serve.transfer.waiting import until_changed
 from overfill_serve.worker.model_worker import ModelWorker
 from overfill_serve.worker.output_stream import OutputStream
 from overfill_serve.worker.prefill_worker import TransferTicket
+
+RECHECK_SECONDS = 0.1  # a waiter for blocks also re-checks this often (a swapped request may have come back)
 
 
 class DecodeWorker(ModelWorker):
@@ -70,33 +79,43 @@ class DecodeWorker(ModelWorker):
     def generate_from(self, ticket: TransferTicket) -> Iterator[StepOutput]:
         """Pull the ticket's KV, then stream the request's outputs. Raises a `TransferError` if the KV does
         not arrive, `PreemptedError` if this worker has to give the request back."""
-        request, completion = self._pull(ticket)
+        request, completion = asyncio.run(self._pull(ticket))
         stream = self._open(partial(self._admit_remote, request, completion))
         return self._iterate(request.request_id, stream)
 
     async def agenerate_from(self, ticket: TransferTicket) -> AsyncIterator[StepOutput]:
-        pull = asyncio.get_running_loop().run_in_executor(None, self._pull, ticket)
-        try:
-            request, completion = await asyncio.shield(pull)
-        except asyncio.CancelledError:
-            # The caller left while the pull runs on: when it ends, give its blocks back.
-            pull.add_done_callback(self._discard_pull)
-            raise
+        request, completion = await self._pull(ticket)
         stream = self._open(partial(self._admit_remote, request, completion), asyncio.get_running_loop())
         async for out in self._aiterate(request.request_id, stream):
             yield out
 
-    def _discard_pull(self, pull: asyncio.Future) -> None:
-        if not pull.cancelled() and pull.exception() is None:
-            request, _ = pull.result()
-            self.core.pool.free(request.block_table)
-            request.block_table = []
-
-    def _pull(self, ticket: TransferTicket) -> tuple[Request, Completion]:
+    async def _pull(self, ticket: TransferTicket) -> tuple[Request, Completion]:
         request = self._new_request(
-            list(ticket.prompt_token_ids), ticket.params, ticket.request_id, list(ticket.generated_token_ids)
+            list(ticket.prompt_token_ids),
+            ticket.params,
+            ticket.request_id,
+            list(ticket.generated_token_ids),
+            ticket.emitted_chars,  # what the client has of the text so far
         )
-        blocks = self._allocate(blocks_for(ticket.num_prompt_tokens, self.config.block_size))
+        try:
+            blocks = await self._allocate(
+                blocks_for(ticket.num_prompt_tokens, self.config.block_size), ticket
+            )
+            receive = asyncio.get_running_loop().run_in_executor(None, self._receive, ticket, blocks)
+            try:
+                completion = await asyncio.shield(receive)
+            except asyncio.CancelledError:
+                # The caller left while the pull runs on: when it ends, give its blocks back.
+                receive.add_done_callback(partial(self._discard, blocks))
+                raise
+        except TransferNotFoundError as e:  # expired, or the prefill replica restarted: prefill it again
+            raise PeerUnavailableError(f"{e}: the KV is no longer offered") from e
+        request.block_table = blocks
+        request.num_computed_tokens = ticket.num_prompt_tokens
+        request.mark(RequestStatus.KV_IN_FLIGHT)
+        return request, completion
+
+    def _receive(self, ticket: TransferTicket, blocks: list[int]) -> Completion:
         try:
             completion, self.last_transfer = self.channel(ticket.address).pull(
                 ticket.transfer_id, blocks, ticket.num_prompt_tokens
@@ -106,10 +125,44 @@ class DecodeWorker(ModelWorker):
             raise
         if self.on_transfer is not None:
             self.on_transfer(self.last_transfer)
-        request.block_table = blocks
-        request.num_computed_tokens = ticket.num_prompt_tokens
-        request.mark(RequestStatus.KV_IN_FLIGHT)
-        return request, completion
+        return completion
+
+    def _discard(self, blocks: list[int], receive: asyncio.Future) -> None:
+        if not receive.cancelled() and receive.exception() is None:
+            self.core.pool.free(blocks)
+
+    async def _allocate(self, n: int, ticket: TransferTicket) -> list[int]:
+        """Blocks for an incoming transfer, waiting (bounded) for running requests to free some, while the
+        prefill side's lease on the KV is renewed. Swapped-out requests come first: a new request takes no
+        blocks while one waits to come back. No blocks in time: the request is given back (re-prefilled and
+        placed again by the dispatcher)."""
+        pool, decode = self.core.pool, self.core.decode[self.model_name]
+        if n > pool.num_blocks:
+            raise OutOfBlocksError(f"no room for {n} KV blocks (the pool has {pool.num_blocks})")
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadline, renew_at = now + self.transfer.timeout_seconds, now  # the lease may be nearly over already
+        while True:
+            wait = max(0.0, min(RECHECK_SECONDS, renew_at - now, deadline - now))
+            blocks = await until_changed(
+                pool.subscribe, lambda: None if decode.swapped else pool.allocate(n), wait
+            )
+            if blocks is not None:
+                return blocks
+            now = loop.time()
+            if now >= deadline:  # the KV will be prefilled again: this copy need not wait for its lease
+                reason = "the decode replica had no room for it in time"
+                await loop.run_in_executor(None, self._abort, ticket, reason)
+                raise PreemptedError(ticket.request_id, list(ticket.generated_token_ids))
+            if now >= renew_at:
+                left = await loop.run_in_executor(None, self._renew, ticket)
+                renew_at = loop.time() + max(left / 3, RECHECK_SECONDS)
+
+    def _renew(self, ticket: TransferTicket) -> float:
+        return self.channel(ticket.address).renew(ticket.transfer_id)
+
+    def _abort(self, ticket: TransferTicket, reason: str) -> None:
+        self.channel(ticket.address).abort(ticket.transfer_id, reason)
 
     # -- engine thread -------------------------------------------------------------------------------------
     def _admit_remote(self, request: Request, completion: Completion, stream: OutputStream) -> None:
@@ -120,14 +173,3 @@ class DecodeWorker(ModelWorker):
         out = self.core.start_decode(request, first, self.model_name)
         if out is not None:
             self._emit(out)
-
-    def _allocate(self, n: int) -> list[int]:
-        """Blocks for an incoming transfer, waiting (bounded) for running requests to free some. Swapped-out
-        requests come first: a new request takes no blocks while one waits to come back."""
-        deadline = time.monotonic() + self.transfer.timeout_seconds
-        pool, decode = self.core.pool, self.core.decode[self.model_name]
-        while decode.swapped or (blocks := pool.allocate(n)) is None:
-            if n > pool.num_blocks or time.monotonic() > deadline:
-                raise OutOfBlocksError(f"no room for {n} KV blocks ({pool.num_free} free)")
-            time.sleep(0.01)
-        return blocks

@@ -104,12 +104,14 @@ class ModelWorker:
         params: SamplingParams,
         request_id: str | None,
         generated_token_ids: list[int] | None = None,
+        emitted_chars: int | None = None,
     ) -> Request:
         return Request(
             request_id or f"{self.role}-{next(self._ids)}",
             self.prompts.check(prompt_token_ids),
             params,
             output_token_ids=list(generated_token_ids or []),
+            emitted_chars=emitted_chars,
         )
 
     def _open(

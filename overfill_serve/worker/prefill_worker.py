@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from overfill_serve.engine.batch import Batch
+from overfill_serve.engine.output_processor import StepOutput
 from overfill_serve.engine.stage import Prefilled
 from overfill_serve.model.spec import KVLayout
 from overfill_serve.request import RequestStatus
@@ -39,6 +40,9 @@ class TransferTicket:
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     generated_token_ids: tuple[int, ...] = ()  # a resumed request's tokens so far (its decode continues)
+    emitted_chars: int | None = None  # ... and how much of their text its client has (None: all of it)
+    # A request that ended on its first token (max_tokens=1): its outputs; no KV is offered, nothing to pull.
+    outputs: tuple[StepOutput, ...] = ()
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -79,11 +83,12 @@ class PrefillWorker(ModelWorker):
         params: SamplingParams,
         request_id: str | None = None,
         generated_token_ids: list[int] | None = None,
+        emitted_chars: int | None = None,
     ) -> TransferTicket:
         """Queue a prefill whose KV a decode worker will pull; the ticket is valid at once.
         `generated_token_ids` (what a decode worker already produced, for a re-prefill after preemption or
-        migration) skips sampling a new first token."""
-        request = self._new_request(prompt_token_ids, params, request_id, generated_token_ids)
+        migration) skips sampling a new first token; `emitted_chars`: how much of their text the client got."""
+        request = self._new_request(prompt_token_ids, params, request_id, generated_token_ids, emitted_chars)
         transfer_id = self.registry.open(request)
 
         def admit() -> None:
@@ -98,7 +103,24 @@ class PrefillWorker(ModelWorker):
             tuple(request.prompt_token_ids),
             params,
             tuple(request.output_token_ids),
+            emitted_chars,
         )
+
+    async def asubmit(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        generated_token_ids: list[int] | None = None,
+        emitted_chars: int | None = None,
+    ) -> TransferTicket:
+        """`submit`, except that a request known to end on its first token runs to its end here, the teacher
+        sampling that token as it would for the decode side: no KV transfer, no decode replica."""
+        if params.max_tokens > 1 or generated_token_ids:
+            return self.submit(prompt_token_ids, params, request_id, generated_token_ids, emitted_chars)
+        outputs = tuple([out async for out in self.agenerate(prompt_token_ids, params, request_id)])
+        rid = outputs[0].request_id
+        return TransferTicket("", self.address, rid, tuple(prompt_token_ids), params, outputs=outputs)
 
     def drain(self, timeout: float) -> bool:
         """Before shutting down: wait until every offered KV is pulled, aborted or its lease ran out, so a

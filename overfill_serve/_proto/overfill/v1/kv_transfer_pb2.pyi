@@ -57,14 +57,16 @@ class PullRequest(_message.Message):
     def __init__(self, transfer_id: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("header", "payload", "done")
+    __slots__ = ("header", "payload", "done", "mac")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
     header: bytes
     payload: bytes
     done: Completion
-    def __init__(self, header: _Optional[bytes] = ..., payload: _Optional[bytes] = ..., done: _Optional[_Union[Completion, _Mapping]] = ...) -> None: ...
+    mac: bytes
+    def __init__(self, header: _Optional[bytes] = ..., payload: _Optional[bytes] = ..., done: _Optional[_Union[Completion, _Mapping]] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class Completion(_message.Message):
     __slots__ = ("first_token", "num_tokens", "has_logprob", "logprob", "top_ids", "top_logprobs")
