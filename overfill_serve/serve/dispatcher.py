@@ -82,7 +82,7 @@ class Dispatcher:
                 why = f"decode replica out of KV blocks after {len(e.output_token_ids)} tokens"
             except REPLICA_GONE as e:
                 why = f"decode replica died: {type(e).__name__}"
-            except PeerUnavailableError as e:  # the prefill replica died while the KV was in flight
+            except PeerUnavailableError as e:  # the prefill replica died, or no longer holds the KV (lease)
                 why = str(e)
             finally:
                 if not done:  # whatever happened, the prefill side need not hold this KV any longer
