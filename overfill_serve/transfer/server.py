@@ -29,6 +29,7 @@ from overfill_serve.model.spec import KVLayout
 from overfill_serve.transfer import auth
 from overfill_serve.transfer.chunk import encode_chunk_message, encode_done_message, make_chunk
 from overfill_serve.transfer.config import READ_GRACE_SECONDS, SESSION_KEY, TransferConfig
+from overfill_serve.transfer.registration import Registration
 from overfill_serve.transfer.registry import Completion, Transfer, TransferRegistry
 from overfill_serve.transfer.status import status_of
 from overfill_serve.transfer.waiting import until_changed
@@ -280,22 +281,6 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         raise AssertionError("context.abort returns only by raising")
 
 
-class _PullAsBytes:
-    """The generated registration, passed to the real server with `Pull`'s responses sent as the bytes the
-    servicer built (no protobuf object or re-serialization on the data path)."""
-
-    def __init__(self, server: Any) -> None:
-        self.server = server  # a grpc.aio.Server
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        pass  # rebuilt below from the same method table
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        handlers = {**handlers, "Pull": handlers["Pull"]._replace(response_serializer=None)}
-        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-        self.server.add_registered_method_handlers(service, handlers)
-
-
 class KVTransferServer:
     """Owns the asyncio gRPC server and the thread its event loop runs on, an executor for the few blocking
     steps, and a sweeper thread that expires leases and sessions."""
@@ -342,7 +327,7 @@ class KVTransferServer:
                 ("grpc.max_receive_message_length", config.max_request_bytes),
             ]
         )
-        pb_grpc.add_KVTransferServicer_to_server(self.servicer, _PullAsBytes(server))
+        pb_grpc.add_KVTransferServicer_to_server(self.servicer, Registration(server))
         bind = f"{config.host}:{config.port}"
         if config.tls:
             cert, key, ca = config.tls_files()
