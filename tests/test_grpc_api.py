@@ -424,3 +424,19 @@ def test_failure_mid_stream_keeps_the_chunks_sent(stub):
 def test_list_models_over_grpc(stub):
     models = stub.ListModels(pb.ListModelsRequest(), timeout=10).models
     assert [m.id for m in models] == [PAIR, f"{PAIR}:overfill", f"{PAIR}:full", f"{PAIR}:pruned"]
+
+
+def test_requests_arrive_as_bytes_and_malformed_ones_are_invalid():
+    from overfill_serve.serve.grpc_service import add_GenerateServicer_to_server
+
+    request = pb.GenerateRequest(model="m", text="hi")
+    assert api.parse_request(pb.GenerateRequest, request.SerializeToString()) == request
+    assert api.parse_request(pb.GenerateRequest, request) is request
+    with pytest.raises(InvalidRequestError, match="malformed GenerateRequest"):
+        api.parse_request(pb.GenerateRequest, b"\xff\xff\xff")
+    added = []
+    server = type("Server", (), {"add_generic_rpc_handlers": lambda self, handlers: added.extend(handlers)})()
+    add_GenerateServicer_to_server(FakeGenerateServicer(), server)
+    table = added[0]._method_handlers
+    assert {name.rsplit("/", 1)[-1] for name in table} == {"Generate", "GenerateStream", "ListModels"}
+    assert all(h.request_deserializer is None for h in table.values())

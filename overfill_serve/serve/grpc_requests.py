@@ -8,6 +8,9 @@ Model ids resolve through `model_names.resolve_model` (an empty id is the pair's
 from __future__ import annotations
 
 import uuid
+from typing import TypeVar
+
+from google.protobuf.message import DecodeError, Message
 
 from overfill_serve._proto.overfill.v1 import generate_pb2 as pb
 from overfill_serve.errors import InvalidRequestError
@@ -22,9 +25,21 @@ MODE_FROM_PROTO = {v: k for k, v in MODE_TO_PROTO.items()}
 # SamplingOptions fields with proto3 presence: absent means SamplingParams' default.
 _OPTIONAL_INTS = ("max_tokens", "top_k", "seed", "logprobs")
 MAX_REQUEST_ID_LEN = 256
+M = TypeVar("M", bound=Message)
 
 
 # -- requests ---------------------------------------------------------------------------------------------
+
+
+def parse_request(message: type[M], request: M | bytes) -> M:
+    """A request as the ingress gets it: bytes (`grpc_service` leaves parsing to us) or, in-process, a
+    message."""
+    if not isinstance(request, bytes):
+        return request
+    try:
+        return message.FromString(request)
+    except DecodeError:
+        raise InvalidRequestError(f"malformed {message.DESCRIPTOR.name} message") from None
 
 
 def mode_from_request(request: pb.GenerateRequest, pair_name: str) -> Mode:

@@ -242,8 +242,10 @@ class Ingress:
 
     def _grpc_job(self, request: Any, metadata: list[tuple[str, str]]) -> tuple[Job, Any]:
         self._check_grpc_call(metadata)
-        if request.ByteSize() > self.config.max_request_bytes:
-            raise RequestTooLargeError(request.ByteSize(), self.config.max_request_bytes)
+        size = len(request) if isinstance(request, bytes) else request.ByteSize()
+        if size > self.config.max_request_bytes:
+            raise RequestTooLargeError(size, self.config.max_request_bytes)
+        request = grpc_requests.parse_request(grpc_requests.pb.GenerateRequest, request)
         mode = grpc_requests.mode_from_request(request, self.config.pair_name)
         self.pools.check(mode)
         prompt = grpc_requests.prompt_from_request(request, self.prompts)
