@@ -78,6 +78,16 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where a request continues on another worker: the tokens generated so far (a re-prefill computes their
+    KV and samples no new first token) and how many characters of their text the client has received
+    (held-back text, such as a possible stop-string prefix, is then sent by the new worker; None: all)."""
+
+    token_ids: tuple[int, ...]
+    emitted_chars: int | None = None
+
+
 @dataclass(eq=False)
 class Request:
     """Mutable per-request state shared by the schedulers; tensors live in the runners, not here."""

@@ -14,7 +14,7 @@ from peer_process import SECRET
 
 from overfill_serve import LLM, SamplingParams
 from overfill_serve.errors import PreemptedError
-from overfill_serve.request import FinishReason, Mode
+from overfill_serve.request import FinishReason, Mode, Resume
 from overfill_serve.serve.dispatcher import Dispatcher
 from overfill_serve.transfer.config import TransferConfig
 from overfill_serve.transfer.control import TransferControl
@@ -86,7 +86,7 @@ def test_workers_resume_with_the_held_back_text(case, workers) -> None:
     sent = "".join(o.text for o in outs)
     assert len(sent) < case.cut_chars  # the start of the stop string was held back
     generated = [t for o in outs for t in o.token_ids]
-    ticket = prefill.submit(PROMPT, case.params, generated_token_ids=generated, emitted_chars=len(sent))
+    ticket = prefill.submit(PROMPT, case.params, resume=Resume(tuple(generated), len(sent)))
     rest = list(second.generate_from(ticket))
     assert sent + "".join(o.text for o in rest) == case.text
     assert rest[-1].finished and rest[-1].finish_reason == case.finish_reason

@@ -12,6 +12,7 @@ from peer_process import SECRET
 
 from overfill_serve import LLM, SamplingParams
 from overfill_serve.errors import InvalidRequestError, PreemptedError
+from overfill_serve.request import Resume
 from overfill_serve.transfer.config import TransferConfig
 from overfill_serve.worker.decode_worker import DecodeWorker
 from overfill_serve.worker.latency_window import LatencyWindow
@@ -100,7 +101,7 @@ def test_remote_request_preempted_hands_back_tokens_and_resumes_exactly(pairs):
         assert _tokens(first) == expected.token_ids  # the older request ran on undisturbed
         generated = e.value.output_token_ids
         assert generated and tokens == generated
-        ticket = prefill.submit(PROMPTS[2], params, generated_token_ids=generated)
+        ticket = prefill.submit(PROMPTS[2], params, resume=Resume(tuple(generated)))
         rest = _tokens(decode.generate_from(ticket))
         assert generated + rest == expected.token_ids
     finally:

@@ -18,6 +18,7 @@ from ray import serve
 from overfill_serve.engine.output_processor import StepOutput
 from overfill_serve.errors import OverfillError
 from overfill_serve.model.spec import ModelSpec
+from overfill_serve.request import Resume
 from overfill_serve.sampling_params import SamplingParams
 from overfill_serve.serve.autoscaling import autoscaling_signals
 from overfill_serve.serve.config import ServeConfig
@@ -100,12 +101,9 @@ class PrefillServer(_ModelServer):
         prompt_token_ids: list[int],
         params: SamplingParams,
         request_id: str,
-        generated_token_ids: list[int] | None = None,
-        emitted_chars: int | None = None,
+        resume: Resume | None = None,
     ) -> TransferTicket:
-        return await self.worker.asubmit(
-            prompt_token_ids, params, request_id, generated_token_ids, emitted_chars
-        )
+        return await self.worker.asubmit(prompt_token_ids, params, request_id, resume)
 
     def __del__(self) -> None:
         # Serve calls this once the replica has no request in flight (scale-down, redeploy). KV it offered

@@ -22,7 +22,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from overfill_serve.engine.output_processor import StepOutput
 from overfill_serve.errors import PeerUnavailableError, PreemptedError, ServiceUnavailableError
-from overfill_serve.request import Mode
+from overfill_serve.request import Mode, Resume
 from overfill_serve.sampling_params import SamplingParams
 from overfill_serve.transfer.control import TransferControl
 
@@ -96,10 +96,10 @@ class Dispatcher:
     async def _submit(
         self, prompt: list[int], params: SamplingParams, request_id: str, generated: list[int], emitted: int
     ) -> Any:
-        resumed = (list(generated), emitted) if generated else (None, None)
+        resume = Resume(tuple(generated), emitted) if generated else None
         for _ in range(self.max_migrations + 1):
             try:
-                return await self.prefill.submit.remote(prompt, params, request_id, *resumed)
+                return await self.prefill.submit.remote(prompt, params, request_id, resume)
             except REPLICA_GONE as e:
                 log.warning("request %s: prefill replica died (%s); retrying", request_id, type(e).__name__)
                 last: Exception = e

@@ -94,8 +94,7 @@ class DecodeWorker(ModelWorker):
             list(ticket.prompt_token_ids),
             ticket.params,
             ticket.request_id,
-            list(ticket.generated_token_ids),
-            ticket.emitted_chars,  # what the client has of the text so far
+            ticket.resume,
         )
         try:
             blocks = await self._allocate(
@@ -153,7 +152,9 @@ class DecodeWorker(ModelWorker):
             if now >= deadline:  # the KV will be prefilled again: this copy need not wait for its lease
                 reason = "the decode replica had no room for it in time"
                 await loop.run_in_executor(None, self._abort, ticket, reason)
-                raise PreemptedError(ticket.request_id, list(ticket.generated_token_ids))
+                raise PreemptedError(
+                    ticket.request_id, list(ticket.resume.token_ids) if ticket.resume else []
+                )
             if now >= renew_at:
                 left = await loop.run_in_executor(None, self._renew, ticket)
                 renew_at = loop.time() + max(left / 3, RECHECK_SECONDS)

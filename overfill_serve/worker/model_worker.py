@@ -24,7 +24,7 @@ from overfill_serve.engine.stage import Prefilled
 from overfill_serve.errors import OverfillError, PreemptedError
 from overfill_serve.model.loader import load_model
 from overfill_serve.prompt import PromptEncoder
-from overfill_serve.request import Request
+from overfill_serve.request import Request, Resume
 from overfill_serve.sampling_params import SamplingParams
 from overfill_serve.tokenizer import load_tokenizer
 from overfill_serve.worker.engine_loop import EngineLoop
@@ -103,15 +103,14 @@ class ModelWorker:
         prompt_token_ids: list[int],
         params: SamplingParams,
         request_id: str | None,
-        generated_token_ids: list[int] | None = None,
-        emitted_chars: int | None = None,
+        resume: Resume | None = None,
     ) -> Request:
         return Request(
             request_id or f"{self.role}-{next(self._ids)}",
             self.prompts.check(prompt_token_ids),
             params,
-            output_token_ids=list(generated_token_ids or []),
-            emitted_chars=emitted_chars,
+            output_token_ids=list(resume.token_ids) if resume else [],
+            emitted_chars=resume.emitted_chars if resume else None,
         )
 
     def _open(

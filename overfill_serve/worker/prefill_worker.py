@@ -19,7 +19,7 @@ from overfill_serve.engine.batch import Batch
 from overfill_serve.engine.output_processor import StepOutput
 from overfill_serve.engine.stage import Prefilled
 from overfill_serve.model.spec import KVLayout
-from overfill_serve.request import RequestStatus
+from overfill_serve.request import RequestStatus, Resume
 from overfill_serve.sampling_params import SamplingParams
 from overfill_serve.transfer import auth
 from overfill_serve.transfer.config import TransferConfig
@@ -39,8 +39,7 @@ class TransferTicket:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
-    generated_token_ids: tuple[int, ...] = ()  # a resumed request's tokens so far (its decode continues)
-    emitted_chars: int | None = None  # ... and how much of their text its client has (None: all of it)
+    resume: Resume | None = None  # a migrated request: where its decode continues
     # A request that ended on its first token (max_tokens=1): its outputs; no KV is offered, nothing to pull.
     outputs: tuple[StepOutput, ...] = ()
 
@@ -82,13 +81,11 @@ class PrefillWorker(ModelWorker):
         prompt_token_ids: list[int],
         params: SamplingParams,
         request_id: str | None = None,
-        generated_token_ids: list[int] | None = None,
-        emitted_chars: int | None = None,
+        resume: Resume | None = None,
     ) -> TransferTicket:
-        """Queue a prefill whose KV a decode worker will pull; the ticket is valid at once.
-        `generated_token_ids` (what a decode worker already produced, for a re-prefill after preemption or
-        migration) skips sampling a new first token; `emitted_chars`: how much of their text the client got."""
-        request = self._new_request(prompt_token_ids, params, request_id, generated_token_ids, emitted_chars)
+        """Queue a prefill whose KV a decode worker will pull; the ticket is valid at once. `resume`: a
+        re-prefill after preemption or migration (its tokens so far skip sampling a new first token)."""
+        request = self._new_request(prompt_token_ids, params, request_id, resume)
         transfer_id = self.registry.open(request)
 
         def admit() -> None:
@@ -102,8 +99,7 @@ class PrefillWorker(ModelWorker):
             request.request_id,
             tuple(request.prompt_token_ids),
             params,
-            tuple(request.output_token_ids),
-            emitted_chars,
+            resume,
         )
 
     async def asubmit(
@@ -111,13 +107,12 @@ class PrefillWorker(ModelWorker):
         prompt_token_ids: list[int],
         params: SamplingParams,
         request_id: str | None = None,
-        generated_token_ids: list[int] | None = None,
-        emitted_chars: int | None = None,
+        resume: Resume | None = None,
     ) -> TransferTicket:
         """`submit`, except that a request known to end on its first token runs to its end here, the teacher
         sampling that token as it would for the decode side: no KV transfer, no decode replica."""
-        if params.max_tokens > 1 or generated_token_ids:
-            return self.submit(prompt_token_ids, params, request_id, generated_token_ids, emitted_chars)
+        if params.max_tokens > 1 or resume is not None:
+            return self.submit(prompt_token_ids, params, request_id, resume)
         outputs = tuple([out async for out in self.agenerate(prompt_token_ids, params, request_id)])
         rid = outputs[0].request_id
         return TransferTicket("", self.address, rid, tuple(prompt_token_ids), params, outputs=outputs)
