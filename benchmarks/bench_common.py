@@ -40,6 +40,17 @@ def corpus_token_ids(tokenizer, **kwargs) -> list[int]:
     return list(tokenizer(corpus_text(), add_special_tokens=False, **kwargs)["input_ids"])
 
 
+def parse_range(text: str) -> tuple[int, int]:
+    """An argparse type: "LO:HI" (or "N" for N:N) token counts, 0 < LO <= HI."""
+    import argparse
+
+    lo, _, hi = text.partition(":")
+    a, b = int(lo), int(hi or lo)
+    if not 0 < a <= b:
+        raise argparse.ArgumentTypeError(f"{text!r}: want LO:HI with 0 < LO <= HI")
+    return a, b
+
+
 def make_workload(
     corpus: list[int], n: int, prompt_range: tuple[int, int], output_range: tuple[int, int], seed: int
 ) -> list[Req]:

@@ -1,6 +1,6 @@
 """The load generator's client side: one streamed `POST /v1/completions` over HTTP measured from its SSE
-chunks (TTFT, inter-token gaps, end to end), the arrival processes that send a workload (Poisson or closed
-loop), and the round trip of `GET /health`."""
+chunks (TTFT, inter-token gaps, end to end; one gRPC `GenerateStream` likewise), the arrival processes that
+send a workload (Poisson or closed loop), and the round trip of `GET /health`."""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ class Outcome:
     e2e: float | None = None
     tokens: int = 0
     chunk_times: list[float] = field(default_factory=list)  # arrival of every chunk with text
+    text: str = ""
     error: str | None = None
+    hang: bool = False  # no event for `stall` seconds, or not finished by the request's timeout
 
     @property
     def ok(self) -> bool:
@@ -43,7 +45,17 @@ class Outcome:
         return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:])]
 
 
-async def stream_completion(session: Any, url: str, model: str, req: Req, timeout: float) -> Outcome:
+async def stream_completion(
+    session: Any,
+    url: str,
+    model: str,
+    req: Req,
+    timeout: float,
+    stall: float | None = None,
+    sampling: dict[str, Any] | None = None,
+) -> Outcome:
+    """`timeout`: for the whole request; `stall`: for each read of the stream. `sampling`: body fields over
+    the default temperature 0 (e.g. a temperature and a seed)."""
     import aiohttp
 
     body = {
@@ -54,12 +66,13 @@ async def stream_completion(session: Any, url: str, model: str, req: Req, timeou
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(sampling or {}),
     }
     out = Outcome(req)
     out.start = time.perf_counter()
     try:
         async with session.post(
-            f"{url}/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=timeout)
+            f"{url}/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=timeout, sock_read=stall)
         ) as resp:
             if resp.status != 200:
                 out.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
@@ -81,20 +94,66 @@ async def stream_completion(session: Any, url: str, model: str, req: Req, timeou
                     continue
                 if chunk.get("usage"):
                     out.tokens = chunk["usage"]["completion_tokens"]
-                if any(c.get("text") for c in chunk.get("choices", [])):
+                text = "".join(c.get("text") or "" for c in chunk.get("choices", []))
+                if text:
                     if out.ttft is None:
                         out.ttft = now - out.start
                     out.chunk_times.append(now)
+                    out.text += text
             if out.error is None and not done:
                 out.error = "stream ended without [DONE]"
             elif out.error is None and out.tokens != req.max_tokens:
                 out.error = f"{out.tokens} tokens, wanted {req.max_tokens} (ignore_eos)"
     except asyncio.TimeoutError:
-        out.error = f"timed out after {timeout:.0f} s"
+        out.hang = True
+        waited = time.perf_counter() - out.start
+        stalled = stall is not None and waited < timeout - 1
+        out.error = f"no event for {stall:.0f} s" if stalled else f"timed out after {timeout:.0f} s"
     except asyncio.CancelledError:
         out.error = "cancelled at the run's deadline"
     except Exception as e:  # connection refused / reset: counted, not fatal
         out.error = f"{type(e).__name__}: {e}"
+    return out
+
+
+def grpc_stream(
+    client: Any, model: str, req: Req, timeout: float, stall: float, sampling: dict[str, Any] | None = None
+) -> Outcome:
+    """One GenerateStream over gRPC (a `GRPCClient`; blocking: run it on a thread), measured as
+    `stream_completion` measures an SSE stream. A gap over `stall` between chunks is seen once the next chunk
+    comes; a stream that never continues ends at the call's `timeout` (DEADLINE_EXCEEDED): both are hangs."""
+    import grpc
+
+    from overfill_serve.tools.client import ClientError, GRPCError
+
+    out = Outcome(req)
+    out.start = last = time.perf_counter()
+    finished = False
+    params = {"temperature": 0.0, "max_tokens": req.max_tokens, "ignore_eos": True, **(sampling or {})}
+    try:
+        chunks = client.generate_stream(req.prompt, model=model, timeout=timeout, **params)
+        for chunk in chunks:
+            now = time.perf_counter()
+            if now - last > stall and out.error is None:
+                out.hang, out.error = True, f"no event for {stall:.0f} s"
+            last = now
+            if chunk.text:
+                out.ttft = out.ttft if out.ttft is not None else now - out.start
+                out.chunk_times.append(now)
+                out.text += chunk.text
+            if chunk.HasField("usage"):
+                out.tokens = chunk.usage.completion_tokens
+            finished = finished or chunk.finish_reason != 0
+        out.e2e = last - out.start
+    except GRPCError as e:
+        out.hang = e.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        out.error = f"gRPC {e.code.name}: {e.details[:200]}"
+    except ClientError as e:
+        out.error = f"{type(e).__name__}: {e}"[:200]
+    if out.error is None and not finished:
+        out.error = "stream ended without a finish_reason"
+    elif out.error is None and out.tokens != req.max_tokens:
+        out.error = f"{out.tokens} tokens, wanted {req.max_tokens} (ignore_eos)"
     return out
 
 

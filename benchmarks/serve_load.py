@@ -44,8 +44,6 @@ import asyncio
 import contextlib
 import io
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -57,27 +55,24 @@ from bench_common import (
     Req,
     command_line,
     corpus_token_ids,
-    cpu_name,
     load_average,
     make_workload,
+    parse_range,
     pct,
     print_head,
     utc_date,
 )
 from load_client import Outcome, http_rtt, run_load
-from serve_app import MODE_SUFFIX, handle_rtt, kv_check, make_pair, replica_threads, start_app
+from serve_app import (
+    MODE_SUFFIX,
+    handle_rtt,
+    kv_check,
+    machine_line,
+    make_pair,
+    replica_threads,
+    start_app,
+)
 from serve_overhead import overhead, print_overhead
-
-
-# ----------------------------------------------------------------------------------------------------------
-# workload
-# ----------------------------------------------------------------------------------------------------------
-def parse_range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(":")
-    a, b = int(lo), int(hi or lo)
-    if not 0 < a <= b:
-        raise argparse.ArgumentTypeError(f"{text!r}: want LO:HI with 0 < LO <= HI")
-    return a, b
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -146,9 +141,9 @@ def main() -> int:
     ap.add_argument("--model", help="the pair's model name (default: the app's; with --url, from /v1/models)")
     ap.add_argument(
         "--pair",
-        choices=["default", "pruned"],
+        choices=["default", "pruned", "tiny"],
         default="default",
-        help="in-process app: the embedded model on both stages, or it + a pruned student",
+        help="in-process app: the embedded model on both stages, it + a pruned student, or a tiny random pair",
     )
     ap.add_argument("--prune-hidden", type=int, default=288)
     ap.add_argument("--prune-intermediate", type=int, default=768)
@@ -189,12 +184,7 @@ def main() -> int:
     print("# overfill-serve Serve load benchmark")
     print(f"date: {utc_date()}")
     print(f"command: {command_line('benchmarks/serve_load.py')}")
-    cpu = cpu_name("?")
-    print(
-        f"machine: {platform.machine()} {platform.system()}, nproc {os.cpu_count()} ({cpu}), no GPU used, "
-        f"python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}; "
-        f"load average at start {load_average()}"
-    )
+    print(machine_line())
 
     t_start = time.perf_counter()
     leak_ok = True
