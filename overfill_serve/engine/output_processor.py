@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from overfill_serve.detokenizer import IncrementalDetokenizer
 from overfill_serve.engine.sampler import SampledToken
 from overfill_serve.request import FinishReason, Request, TokenLogprob
+from overfill_serve.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class OutputProcessor:
         if sampled.logprob is not None:
             request.output_logprobs.append(sampled.logprob)
         text = ""
-        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+        if self.stops_on(token, params):
             request.finish_reason, request.stop_reason = FinishReason.STOP, token
         else:
             step = detok.step(token)
@@ -55,6 +56,11 @@ class OutputProcessor:
             text += detok.finish()
         logprobs = (sampled.logprob,) if sampled.logprob is not None else ()
         return StepOutput(request.request_id, (token,), text, finished, request.finish_reason, logprobs)
+
+    def stops_on(self, token: int, params: SamplingParams) -> bool:
+        """The token-level stop rule (a stop token id, or eos unless ignored); a prefill worker also asks it
+        whether the teacher's first token ends the request, so its KV need not travel."""
+        return token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos)
 
     def release(self, request_id: str) -> None:
         self._detok.pop(request_id, None)

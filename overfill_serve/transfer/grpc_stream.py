@@ -33,12 +33,12 @@ class GrpcStreamTransport(KVTransport):
                 if not auth.verify(auth.chunk_mac(link.chunk_key, signed), mac):
                     raise ChunkError(f"transfer {transfer_id}: a chunk header or completion fails its MAC")
                 if done is not None:
-                    missing = sum(len(dest_blocks) - len(got) for got in received.values())
-                    if missing:
-                        raise ChunkError(f"transfer {transfer_id} completed with {missing} blocks never sent")
                     completion = completion_from_pb(
                         pb.Completion.FromString(done), num_tokens, layout.vocab_size
                     )
+                    missing = sum(len(dest_blocks) - len(got) for got in received.values())
+                    if missing and not completion.finished:  # finished: the rest is not needed
+                        raise ChunkError(f"transfer {transfer_id} completed with {missing} blocks never sent")
                     return Received(completion, nbytes, first_byte_at)
                 header = ChunkHeader.decode(raw_header)
                 check_chunk(

@@ -251,7 +251,7 @@ class NixlTransport(KVTransport):
                 if msg.HasField("done"):
                     completion = completion_from_pb(msg.done, num_tokens, link.layout.vocab_size)
                     missing = sorted(set(link.layout.kept_layers) - seen)
-                    if missing:
+                    if missing and not completion.finished:  # finished: the rest is not needed
                         raise ChunkError(
                             f"transfer {transfer_id} completed with layers {missing} never described"
                         )

@@ -41,6 +41,7 @@ class Completion:
     first_token: int
     num_tokens: int  # prompt tokens whose KV is transferred
     logprob: TokenLogprob | None = None
+    finished: bool = False  # the first token ends the request: no more KV is sent, none is needed
 
 
 class Ready(Protocol):
@@ -66,6 +67,12 @@ class Transfer:
     @property
     def block_ids(self) -> list[int]:
         return self.request.block_table
+
+    @property
+    def finished(self) -> bool:
+        """The request ended on its first token: a reader sends no further layers."""
+        completion = self.completion  # set once, by `complete`
+        return completion is not None and completion.finished
 
 
 class TransferRegistry:

@@ -49,7 +49,12 @@ class Session:
 
 
 def completion_to_pb(c: Completion) -> pb.Completion:
-    msg = pb.Completion(first_token=c.first_token, num_tokens=c.num_tokens, has_logprob=c.logprob is not None)
+    msg = pb.Completion(
+        first_token=c.first_token,
+        num_tokens=c.num_tokens,
+        has_logprob=c.logprob is not None,
+        finished=c.finished,
+    )
     if c.logprob is not None:
         msg.logprob = c.logprob.logprob
         msg.top_ids.extend(t for t, _ in c.logprob.top)
@@ -155,8 +160,8 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         chunk_bytes = min(request.max_chunk_bytes or self.config.chunk_bytes, self.config.chunk_bytes)
         per_chunk = max(1, chunk_bytes // (2 * self.cache.block_bytes))
         complete = await self._read(context, tid)
-        for layer in layout.kept_layers:
-            blocks = list((await self._layer(context, tid, layer)).block_ids)
+        async for layer, transfer in self._layers(context, tid, layout):
+            blocks = list(transfer.block_ids)
             for start in range(0, len(blocks), per_chunk):
                 run = blocks[start : start + per_chunk]
                 parts = self.cache.block_bytes_parts(layer, run)
@@ -175,8 +180,7 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Describe needs a NIXL handshake")
         tid = request.transfer_id
         complete = await self._read(context, tid, linger=READ_GRACE_SECONDS)
-        for layer in layout.kept_layers:
-            transfer = await self._layer(context, tid, layer)
+        async for layer, transfer in self._layers(context, tid, layout):
             yield self.nixl_source.describe(layer, list(transfer.block_ids))
         completion = await self._completion(context, tid)
         complete.set()
@@ -206,6 +210,17 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
 
         context.add_done_callback(on_done)
         return complete
+
+    async def _layers(
+        self, context: Any, transfer_id: str, layout: KVLayout
+    ) -> AsyncIterator[tuple[int, Transfer]]:
+        """Each kept layer with its transfer, once that layer is final; none after the completion says the
+        request ended on its first token (the decode side needs no KV then: `done` follows at once)."""
+        for layer in layout.kept_layers:
+            transfer = await self._layer(context, transfer_id, layer)
+            if transfer.finished:
+                return
+            yield layer, transfer
 
     async def _layer(self, context: Any, transfer_id: str, layer: int) -> Transfer:
         """The transfer once `layer`'s KV is final and in memory."""

@@ -59,7 +59,8 @@ class KVTransport(ABC):
     @abstractmethod
     def receive(self, link: Link, transfer_id: str, dest_blocks: list[int], num_tokens: int) -> Received:
         """Fill dest_blocks (this side's pool) with the KV of the transfer's num_tokens prompt tokens, kept
-        layers only; return the first token. Raises a `TransferError`; writes nothing outside dest_blocks."""
+        layers only (fewer when the completion says the request finished on its first token); return the
+        completion. Raises a `TransferError`; writes nothing outside dest_blocks."""
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         pass
@@ -76,4 +77,4 @@ def completion_from_pb(msg: pb.Completion, expected_tokens: int, vocab_size: int
     logprob = None
     if msg.has_logprob:
         logprob = TokenLogprob(msg.first_token, msg.logprob, tuple(zip(msg.top_ids, msg.top_logprobs)))
-    return Completion(msg.first_token, msg.num_tokens, logprob)
+    return Completion(msg.first_token, msg.num_tokens, logprob, msg.finished)

@@ -3,7 +3,9 @@ through the KV channel into its own pool (kept layers only) and decodes it with 
 
 `agenerate_from(ticket)` waits for blocks (a coroutine woken when blocks are freed, renewing the prefill
 side's lease meanwhile), pulls on an executor thread, then streams the engine thread's outputs, the teacher's
-first token first. A request whose KV does not arrive leaves nothing behind: its blocks are freed and the
+first token first. A request that ended on that token (the completion says `finished`: a stop token) gets
+no further KV and never runs the student: the engine finishes it on that token and its blocks go back at
+once. A request whose KV does not arrive leaves nothing behind: its blocks are freed and the
 prefill side is told to abort. KV the prefill side no longer holds (lease expired, replica restarted) and no
 blocks in time both end in an error the dispatcher answers by re-prefilling (migration), not a client error.
 As a `ModelWorker` it also generates locally with the student alone (the `pruned` mode).
@@ -21,6 +23,7 @@ from typing import Any
 from overfill_serve.engine.output_processor import StepOutput
 from overfill_serve.engine.sampler import SampledToken
 from overfill_serve.errors import (
+    ChunkError,
     OutOfBlocksError,
     PeerUnavailableError,
     PreemptedError,
@@ -102,10 +105,10 @@ class DecodeWorker(ModelWorker):
             )
             receive = asyncio.get_running_loop().run_in_executor(None, self._receive, ticket, blocks)
             try:
-                completion = await asyncio.shield(receive)
+                completion, blocks = await asyncio.shield(receive)
             except asyncio.CancelledError:
                 # The caller left while the pull runs on: when it ends, give its blocks back.
-                receive.add_done_callback(partial(self._discard, blocks))
+                receive.add_done_callback(self._discard)
                 raise
         except TransferNotFoundError as e:  # expired, or the prefill replica restarted: prefill it again
             raise PeerUnavailableError(f"{e}: the KV is no longer offered") from e
@@ -114,21 +117,38 @@ class DecodeWorker(ModelWorker):
         request.mark(RequestStatus.KV_IN_FLIGHT)
         return request, completion
 
-    def _receive(self, ticket: TransferTicket, blocks: list[int]) -> Completion:
+    def _receive(self, ticket: TransferTicket, blocks: list[int]) -> tuple[Completion, list[int]]:
+        """The completion and the blocks holding the KV: none when the request ended on its first token
+        (the pull stopped early; the engine finishes it on that token, so its blocks go back now)."""
         try:
             completion, self.last_transfer = self.channel(ticket.address).pull(
                 ticket.transfer_id, blocks, ticket.num_prompt_tokens
             )
+            if completion.finished:
+                self._check_finished(ticket, completion)
         except BaseException:
             self.core.pool.free(blocks)
             raise
         if self.on_transfer is not None:
             self.on_transfer(self.last_transfer)
-        return completion
-
-    def _discard(self, blocks: list[int], receive: asyncio.Future) -> None:
-        if not receive.cancelled() and receive.exception() is None:
+        if completion.finished:
             self.core.pool.free(blocks)
+            blocks = []
+        return completion, blocks
+
+    def _check_finished(self, ticket: TransferTicket, completion: Completion) -> None:
+        """The KV is incomplete: take the peer's word that the request is over only if this engine's own
+        stop rule agrees (the request then never runs here, so it could not decode on without the KV)."""
+        if ticket.resume is None and self.core.output.stops_on(completion.first_token, ticket.params):
+            return
+        raise ChunkError(
+            f"transfer {ticket.transfer_id}: the peer says the request finished on its first token "
+            f"{completion.first_token}, which does not stop it"
+        )
+
+    def _discard(self, receive: asyncio.Future) -> None:
+        if not receive.cancelled() and receive.exception() is None:
+            self.core.pool.free(receive.result()[1])
 
     async def _allocate(self, n: int, ticket: TransferTicket) -> list[int]:
         """Blocks for an incoming transfer, waiting (bounded) for running requests to free some, while the
@@ -169,7 +189,7 @@ class DecodeWorker(ModelWorker):
     def _admit_remote(self, request: Request, completion: Completion, stream: OutputStream) -> None:
         self._streams[request.request_id] = stream
         # A resumed request's tokens are known (the student recomputes their KV); a new one starts with the
-        # teacher's first token.
+        # teacher's first token, which ends one pulled without KV (finished) before it joins a batch.
         first = None if request.output_token_ids else SampledToken(completion.first_token, completion.logprob)
         out = self.core.start_decode(request, first, self.model_name)
         if out is not None:

@@ -140,13 +140,15 @@ class PrefillWorker(ModelWorker):
             self.num_prefilled += 1
             self.ttft.add(time.perf_counter() - request.timeline[RequestStatus.RECEIVED.value])
             transfer_id, _ = self._transfer_of.pop(request.request_id)
-            # A resumed request samples nothing here: its decode worker continues from the tokens it has.
-            first = done.first_token
-            token = first.token_id if first is not None else request.output_token_ids[0]
-            logprob = first.logprob if first is not None else None
-            self.registry.complete(
-                transfer_id, request, Completion(token, request.num_prompt_tokens, logprob)
-            )
+            self.registry.complete(transfer_id, request, self._completion(done))
+
+    def _completion(self, done: Prefilled) -> Completion:
+        request, first = done.request, done.first_token
+        if first is None:  # resumed: nothing sampled here; its decode worker continues from its tokens
+            return Completion(request.output_token_ids[0], request.num_prompt_tokens)
+        # The engine's own stop rule: a first token that ends the request needs no KV on the decode side.
+        finished = self.core.output.stops_on(first.token_id, request.params)
+        return Completion(first.token_id, request.num_prompt_tokens, first.logprob, finished)
 
     def _layer_done(self, batch: Batch, layer: int) -> None:
         # Only a prompt's final chunk makes its KV final; earlier chunks are complete before it runs. On a GPU

@@ -69,20 +69,22 @@ class KVChunk(_message.Message):
     def __init__(self, header: _Optional[bytes] = ..., payload: _Optional[bytes] = ..., done: _Optional[_Union[Completion, _Mapping]] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class Completion(_message.Message):
-    __slots__ = ("first_token", "num_tokens", "has_logprob", "logprob", "top_ids", "top_logprobs")
+    __slots__ = ("first_token", "num_tokens", "has_logprob", "logprob", "top_ids", "top_logprobs", "finished")
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     HAS_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     TOP_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
     first_token: int
     num_tokens: int
     has_logprob: bool
     logprob: float
     top_ids: _containers.RepeatedScalarFieldContainer[int]
     top_logprobs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, first_token: _Optional[int] = ..., num_tokens: _Optional[int] = ..., has_logprob: _Optional[bool] = ..., logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+    finished: bool
+    def __init__(self, first_token: _Optional[int] = ..., num_tokens: _Optional[int] = ..., has_logprob: _Optional[bool] = ..., logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., finished: _Optional[bool] = ...) -> None: ...
 
 class LayerReady(_message.Message):
     __slots__ = ("layer", "base_address", "addresses", "block_bytes", "done", "pool_bytes")
