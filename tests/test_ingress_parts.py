@@ -83,6 +83,11 @@ def test_client_mistakes_are_logged_at_info_without_a_stack():
     assert logger.filter(record)
     assert record.levelno == logging.INFO and record.exc_info is None
     assert "InvalidRequestError: temperature must be >= 0" in record.getMessage()
+    from ray.serve.exceptions import gRPCStatusError
+
+    wrapped = gRPCStatusError(InvalidRequestError("bad role", field="messages[0].role"))
+    record = _failing_record(wrapped)  # what Serve logs for a gRPC call that set its status, then raised
+    assert logger.filter(record) and record.levelno == logging.INFO and "bad role" in record.getMessage()
     server_side = _failing_record(TransferError("peer died"))
     assert logger.filter(server_side)
     assert server_side.levelno == logging.ERROR and server_side.exc_info is not None

@@ -235,7 +235,7 @@ def test_model_names_select_the_mode():
 # ------------------------------------------------------------------------------------------------- errors
 
 
-def test_exceptions_map_to_openai_errors():
+def test_exceptions_map_to_openai_errors(caplog):
     e = from_exception(InvalidRequestError("top_p must be in (0, 1]", field="top_p"))
     assert (e.status, e.param) == (400, "top_p")
     cfg = from_exception(ModelConfigError("/secret/models/config.json is unreadable"))
@@ -246,6 +246,7 @@ def test_exceptions_map_to_openai_errors():
     assert from_exception(OutOfBlocksError("x")).code == "overloaded"
     unknown = from_exception(RuntimeError("token=hunter2"))
     assert unknown.status == 500 and "hunter2" not in json.dumps(unknown.to_json())
+    assert any(r.exc_info and "hunter2" in str(r.exc_info[1]) for r in caplog.records)  # logged, not lost
     with pytest.raises(pydantic.ValidationError) as info:
         ChatCompletionRequest.model_validate(chat_body(temperature="x"))
     assert (from_exception(info.value).status, from_exception(info.value).param) == (400, "temperature")

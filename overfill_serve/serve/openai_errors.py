@@ -6,6 +6,7 @@ framework); Ray's own errors are classified by `ray_errors`.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,6 +29,8 @@ from overfill_serve.errors import (
     WeightLoadError,
 )
 from overfill_serve.serve.ray_errors import ray_kind, unwrap
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -108,6 +111,7 @@ def from_exception(e: BaseException) -> ApiError:
         )
     if isinstance(e, (ModelConfigError, WeightLoadError, PairMismatchError)):
         return ApiError(500, "server_error", "The model pair is misconfigured", code="model_config_error")
+    log.error("unexpected error, answered 500", exc_info=e)  # the client sees no internals: log them here
     return ApiError.internal()
 
 

@@ -19,6 +19,10 @@ def ray_kind(exc: BaseException) -> str | None:
 
 
 def unwrap(exc: BaseException) -> BaseException:
-    """The deployment's own exception inside Ray's RayTaskError (whose str() is a whole traceback)."""
-    cause = getattr(exc, "cause", None)
-    return unwrap(cause) if isinstance(cause, BaseException) and cause is not exc else exc
+    """The deployment's own exception inside Ray's wrappers: RayTaskError (whose str() is a whole traceback)
+    and Serve's gRPCStatusError (raised for a gRPC call that set its status before failing)."""
+    for attribute in ("cause", "original_exception"):
+        inner = getattr(exc, attribute, None)
+        if isinstance(inner, BaseException) and inner is not exc:
+            return unwrap(inner)
+    return exc
