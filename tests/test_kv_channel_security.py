@@ -1,6 +1,7 @@
 """KV-channel security (issue 11): challenges expire and are capped, big unauthenticated requests are refused
 before they are read, sessions expire (and channels handshake again), chunk headers and the completion are
-signed per session, and the channel runs over mutual TLS on loopback."""
+signed per session (gRPC chunks, NIXL layer descriptions), and the channel runs over mutual TLS on
+loopback."""
 
 from __future__ import annotations
 
@@ -142,6 +143,30 @@ def test_forged_chunk_header_or_completion_refused(pairs, monkeypatch, name, rew
     """Rewritten after it was signed (as on the wire): refused, nothing decoded from it."""
     _man_in_the_middle(monkeypatch, name, rewrite)
     prefill, decode = _prefill(pairs, chunk_bytes=256), _decode(pairs, chunk_bytes=256)
+    try:
+        with pytest.raises(ChunkError, match="MAC"):
+            _tokens(decode, prefill.submit(PROMPT, GREEDY))
+        assert pool_full(decode.stats())
+        wait_until(lambda: pool_full(prefill.stats()))
+    finally:
+        decode.stop()
+        prefill.stop()
+
+
+def test_forged_nixl_layer_description_refused(pairs, monkeypatch):
+    """Block addresses rewritten after the prefill side signed them (as on the wire): no READ is posted from
+    them, the request fails with a typed error and both pools come back whole."""
+    pytest.importorskip("nixl._api")
+    real = auth.sign_message
+
+    def rewrite(key, message):
+        signed = real(key, message)
+        if signed.addresses:
+            signed.addresses[0] += signed.block_bytes  # another block of the prefill side's pool
+        return signed
+
+    monkeypatch.setattr(auth, "sign_message", rewrite)
+    prefill, decode = _prefill(pairs, backend="nixl"), _decode(pairs, backend="nixl")
     try:
         with pytest.raises(ChunkError, match="MAC"):
             _tokens(decode, prefill.submit(PROMPT, GREEDY))

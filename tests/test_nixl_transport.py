@@ -128,7 +128,7 @@ def test_notification_alone_frees_the_prefill_blocks(workers):
     ticket, src = _ready(prefill, PROMPTS[0])
     channel = decode.channel(prefill.address)
     dest = decode.core.pool.allocate(len(src))
-    received = channel.transport.receive(channel, ticket.transfer_id, dest, len(PROMPTS[0]))
+    received = channel.transport.receive(channel._link(), ticket.transfer_id, dest, len(PROMPTS[0]))
     assert received.nbytes > 0 and received.first_byte_at > 0
     wait_until(lambda: prefill.stats().open_transfers == 0 and pool_full(prefill.stats()), timeout=2)
     channel.release(ticket.transfer_id)  # what KVChannel.pull does next: a no-op now

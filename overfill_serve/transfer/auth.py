@@ -6,7 +6,8 @@ MAC also covers what its side announces (its KV layout and its NIXL envelope), s
 transit.
 
 After the handshake both sides derive a per-session key (`chunk_key`) that signs each gRPC chunk's header and
-the completion (`chunk_mac`), so a man in the middle cannot rewrite block ids, layers or the first token.
+the completion (`chunk_mac`) and each NIXL layer description (`sign_message`), so a man in the middle cannot
+rewrite block ids or addresses, layers or the first token.
 Challenges expire and are capped (`Nonces`): an unauthenticated peer cannot grow the server's memory.
 """
 
@@ -19,6 +20,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from typing import Any
 
 from overfill_serve.errors import ModelConfigError
 
@@ -99,6 +101,19 @@ def chunk_key(secret: bytes, client_nonce: bytes, server_nonce: bytes, session: 
 def chunk_mac(key: bytes, data: bytes | memoryview) -> bytes:
     """The MAC of one chunk header (or of a serialized completion), under the session's chunk key."""
     return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def sign_message(key: bytes, message: Any) -> Any:
+    """`message` (a protobuf message with a `mac` field, unset) with its MAC set, under the chunk key."""
+    message.mac = chunk_mac(key, message.SerializeToString(deterministic=True))
+    return message
+
+
+def verify_message(key: bytes, message: Any) -> bool:
+    unsigned = type(message)()
+    unsigned.CopyFrom(message)
+    unsigned.ClearField("mac")
+    return verify(chunk_mac(key, unsigned.SerializeToString(deterministic=True)), message.mac)
 
 
 def verify(expected: bytes, given: bytes) -> bool:

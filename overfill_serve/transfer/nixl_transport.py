@@ -21,6 +21,7 @@ from overfill_serve.errors import (
     TransferTimeoutError,
 )
 from overfill_serve.kv.paged_cache import PagedKVCache
+from overfill_serve.transfer import auth
 from overfill_serve.transfer.config import READ_GRACE_SECONDS
 from overfill_serve.transfer.nixl_agent import NixlAgent, RemotePool, backoff, encode_hello, nixl_error
 from overfill_serve.transfer.status import error_from_rpc
@@ -248,6 +249,8 @@ class NixlTransport(KVTransport):
         )
         try:
             for msg in stream:
+                if not auth.verify_message(link.chunk_key, msg):  # addresses a man in the middle rewrote
+                    raise ChunkError(f"transfer {transfer_id}: a layer description fails its MAC")
                 if msg.HasField("done"):
                     completion = completion_from_pb(msg.done, num_tokens, link.layout.vocab_size)
                     missing = sorted(set(link.layout.kept_layers) - seen)

@@ -181,10 +181,12 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         tid = request.transfer_id
         complete = await self._read(context, tid, linger=READ_GRACE_SECONDS)
         async for layer, transfer in self._layers(context, tid, layout):
-            yield self.nixl_source.describe(layer, list(transfer.block_ids))
+            yield auth.sign_message(
+                session.chunk_key, self.nixl_source.describe(layer, list(transfer.block_ids))
+            )
         completion = await self._completion(context, tid)
         complete.set()
-        yield pb.LayerReady(done=completion_to_pb(completion))
+        yield auth.sign_message(session.chunk_key, pb.LayerReady(done=completion_to_pb(completion)))
         # The reader's READs may still be in flight: keep the pin until it is done with them (its NIXL
         # notification or Release ends the transfer, or it ends this call), within its own bound.
         bound = self.config.timeout_seconds + READ_GRACE_SECONDS

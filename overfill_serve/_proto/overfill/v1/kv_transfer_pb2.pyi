@@ -87,20 +87,22 @@ class Completion(_message.Message):
     def __init__(self, first_token: _Optional[int] = ..., num_tokens: _Optional[int] = ..., has_logprob: _Optional[bool] = ..., logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., finished: _Optional[bool] = ...) -> None: ...
 
 class LayerReady(_message.Message):
-    __slots__ = ("layer", "base_address", "addresses", "block_bytes", "done", "pool_bytes")
+    __slots__ = ("layer", "base_address", "addresses", "block_bytes", "done", "pool_bytes", "mac")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     BASE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
     layer: int
     base_address: int
     addresses: _containers.RepeatedScalarFieldContainer[int]
     block_bytes: int
     done: Completion
     pool_bytes: int
-    def __init__(self, layer: _Optional[int] = ..., base_address: _Optional[int] = ..., addresses: _Optional[_Iterable[int]] = ..., block_bytes: _Optional[int] = ..., done: _Optional[_Union[Completion, _Mapping]] = ..., pool_bytes: _Optional[int] = ...) -> None: ...
+    mac: bytes
+    def __init__(self, layer: _Optional[int] = ..., base_address: _Optional[int] = ..., addresses: _Optional[_Iterable[int]] = ..., block_bytes: _Optional[int] = ..., done: _Optional[_Union[Completion, _Mapping]] = ..., pool_bytes: _Optional[int] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class TransferRef(_message.Message):
     __slots__ = ("transfer_id",)
