@@ -120,6 +120,8 @@ class IncrementalDetokenizer:
         self._skip_special = params.skip_special_tokens
         self._matcher = StopMatcher(params.stop) if params.stop else None
         self._include_stop = params.include_stop_str_in_output
+        # Stop strings end the request only once min_tokens are generated (a match before is ignored).
+        self._min_tokens, self._generated = params.min_tokens, len(output_token_ids)
         # The decode window: ids[_start:] is re-decoded each step; its first `_consumed` characters are
         # already accounted for (prompt context, or output appended to the text).
         self._ids = list(prompt_token_ids[-_PROMPT_CONTEXT:])
@@ -150,6 +152,7 @@ class IncrementalDetokenizer:
         if self._finished or self.stopped:
             return DetokenizeStep("", None)
         self._ids.append(token_id)
+        self._generated += 1
         window = self._decode(self._ids[self._start :])
         trailing = len(window) - len(window.rstrip(_REPLACEMENT))
         end = len(window) - min(trailing, _MAX_PENDING)
@@ -210,7 +213,7 @@ class IncrementalDetokenizer:
         """Append decoded text, and truncate it at the first stop string the new text completes."""
         self._unsent += new
         found = self._matcher.feed(new) if self._matcher is not None else None
-        if found is None:
+        if found is None or self._generated < self._min_tokens:
             return None
         start, stop = found
         # A match begins inside the held-back text (it was a stop-string prefix); only a resume that was not

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from overfill_serve.errors import InvalidRequestError
@@ -18,6 +19,9 @@ FLOAT_FIELDS = (
 # Stop strings are matched on the engine thread for every generated token: bound what one request may ask for.
 MAX_STOP_STRINGS = 32
 MAX_STOP_STRING_CHARS = 256
+# logit_bias as OpenAI bounds it: at most 300 tokens, each biased by a value in [-100, 100].
+MAX_LOGIT_BIAS = 300
+LOGIT_BIAS_RANGE = 100.0
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,9 @@ class SamplingParams:
 
     temperature 0 means greedy. top_k 0 or -1 disables top-k. logprobs=None returns no log-probabilities;
     logprobs=k returns the chosen token's log-probability plus the k most likely alternatives.
+    min_tokens: until that many tokens are generated, eos and the stop token ids are never sampled and stop
+    strings do not end the request. logit_bias: (token id, bias) pairs added to the logits before sampling
+    (a mapping is accepted and stored sorted).
     """
 
     max_tokens: int = 16
@@ -43,6 +50,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         # Tuples keep the dataclass hashable; lists (or one string) given by callers are converted.
@@ -51,7 +60,10 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple((t, b) for t, b in bias))
         self._validate()
+        object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias)))  # one spelling per bias
 
     def _validate(self) -> None:
         def bad(name: str, why: str) -> InvalidRequestError:
@@ -78,7 +90,12 @@ class SamplingParams:
             raise bad("frequency_penalty", "must be in [-2, 2]")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise bad("logprobs", "must be in [0, 20]")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise bad("min_tokens", f"must be an integer in [0, max_tokens={self.max_tokens}]")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "must be token ids (>= 0)")
         self._validate_stop()
+        self._validate_logit_bias()
 
     def _validate_stop(self) -> None:
         if len(self.stop) > MAX_STOP_STRINGS:
@@ -93,6 +110,21 @@ class SamplingParams:
                     f"a stop string has {len(s)} characters; at most {MAX_STOP_STRING_CHARS} are allowed",
                     field="stop",
                 )
+
+    def _validate_logit_bias(self) -> None:
+        def bad(why: str) -> InvalidRequestError:
+            return InvalidRequestError(f"logit_bias {why}", field="logit_bias")
+
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise bad(f"has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS} are allowed")
+        ids = [t for t, _ in self.logit_bias]
+        if len(set(ids)) != len(ids):
+            raise bad("names a token id twice")
+        for token, bias in self.logit_bias:
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                raise bad(f"keys must be token ids (>= 0), got {token!r}")
+            if not (isinstance(bias, (int, float)) and math.isfinite(bias)) or abs(bias) > LOGIT_BIAS_RANGE:
+                raise bad(f"values must be numbers in [-100, 100], got {bias!r} for token {token}")
 
     @property
     def greedy(self) -> bool:

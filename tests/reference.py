@@ -8,6 +8,7 @@ Nothing here imports the code under test.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,12 +48,15 @@ def overfill_greedy(
     prompt: list[int],
     max_tokens: int,
     kept_layers: list[int] | None = None,
+    edit: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy OverFill decode; returns the tokens and the float32 logits that chose each of them."""
+    """Greedy OverFill decode; returns the tokens and the float32 logits that chose each of them.
+    `edit(i, logits)`, when given, returns the logits the i-th token is chosen from (e.g. a bias added)."""
+    pick = (lambda i, lg: int(edit(i, lg.clone()).argmax())) if edit else (lambda i, lg: int(lg.argmax()))
     out = teacher(input_ids=torch.tensor([prompt]), cache=DynamicCache(), use_cache=True)
     teacher_cache = out.cache
     logits = out.logits[0, -1].float()
-    tokens, all_logits = [int(logits.argmax())], [logits]
+    tokens, all_logits = [pick(0, logits)], [logits]
     kept = kept_layers if kept_layers is not None else list(range(len(teacher_cache.layers)))
     cache = DynamicCache()
     for j, i in enumerate(kept):
@@ -61,6 +65,6 @@ def overfill_greedy(
         out = student(input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True)
         cache = out.cache
         logits = out.logits[0, -1].float()
-        tokens.append(int(logits.argmax()))
+        tokens.append(pick(len(tokens), logits))
         all_logits.append(logits)
     return tokens, all_logits

@@ -111,7 +111,7 @@ def test_finished_claim_checked_by_the_decode_side(pairs, monkeypatch):
     """A completion that says finished for a token this request does not stop on is refused (typed), and
     both pools come back whole."""
     prefill, decode = _workers(pairs, "grpc", layerwise=False)
-    monkeypatch.setattr(prefill.core.output, "stops_on", lambda token, params: True)
+    monkeypatch.setattr(prefill.core.output, "stops_on", lambda token, params, **_: True)
     go_on = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     try:
         with pytest.raises(ChunkError, match="finished"):

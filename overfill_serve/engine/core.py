@@ -64,7 +64,7 @@ class EngineCore:
         self.max_model_len = config.context_limit(model_limit, num_blocks)
         self.output = OutputProcessor(tokenizer, spec.eos_token_ids, self.max_model_len)
         self.swap = SwapSpace(self.cache, config.num_swap_blocks) if config.num_swap_blocks else None
-        context = StageContext(self.pool, Sampler(), self.output, config)
+        context = StageContext(self.pool, Sampler(eos_token_ids=spec.eos_token_ids), self.output, config)
         runners = {name: self._runner(model, kept, config) for name, (model, kept) in models.items()}
         self.prefill = {name: PrefillEngine(r, context, on_prefill_layer) for name, r in runners.items()}
         self.decode = {name: DecodeEngine(r, context, self.swap) for name, r in runners.items()}

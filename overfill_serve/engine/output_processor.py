@@ -40,7 +40,7 @@ class OutputProcessor:
         if sampled.logprob is not None:
             request.output_logprobs.append(sampled.logprob)
         text = ""
-        if self.stops_on(token, params):
+        if self.stops_on(token, params, generated=len(request.output_token_ids)):
             request.finish_reason, request.stop_reason = FinishReason.STOP, token
         else:
             step = detok.step(token)
@@ -57,9 +57,12 @@ class OutputProcessor:
         logprobs = (sampled.logprob,) if sampled.logprob is not None else ()
         return StepOutput(request.request_id, (token,), text, finished, request.finish_reason, logprobs)
 
-    def stops_on(self, token: int, params: SamplingParams) -> bool:
-        """The token-level stop rule (a stop token id, or eos unless ignored); a prefill worker also asks it
-        whether the teacher's first token ends the request, so its KV need not travel."""
+    def stops_on(self, token: int, params: SamplingParams, *, generated: int) -> bool:
+        """The token-level stop rule: a stop token id, or eos unless ignored, once `params.min_tokens` are
+        generated (`generated` counts `token`). A prefill worker also asks it whether the teacher's first
+        token ends the request, so its KV need not travel."""
+        if generated < params.min_tokens:
+            return False
         return token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos)
 
     def release(self, request_id: str) -> None:

@@ -1,4 +1,5 @@
-"""Batched token sampling: penalties, temperature, top-k / top-p / min-p, per-request seeds and logprobs.
+"""Batched token sampling: logit bias (and min_tokens' masking of eos and stop token ids), penalties,
+temperature, top-k / top-p / min-p, per-request seeds and logprobs.
 
 Everything runs on the logits' device, in float32 whatever the model's dtype, and a call reads back from the
 device once: the token ids, packed with the logprobs when a request asked for them. Per-request parameters go
@@ -40,8 +41,11 @@ class Sampler:
     device. CPU and CUDA generators produce different streams, so the same seed gives different tokens there.
     """
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, eos_token_ids: Sequence[int] = ()) -> None:
         self._seed = seed
+        self._eos = tuple(
+            eos_token_ids
+        )  # masked, with the stop token ids, while a request is under min_tokens
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[SampledToken]:
@@ -53,7 +57,9 @@ class Sampler:
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         penalised = any(_has_penalty(p) for p in params)
         wants_logprobs = any(p.logprobs is not None for p in params)
-        if not (sampled or penalised or wants_logprobs):
+        biases = [self._bias(r, logits.shape[1]) for r in requests]
+        biased = any(biases)
+        if not (sampled or penalised or wants_logprobs or biased):
             # Upcasting is monotone, so the argmax in the model's dtype is the float32 one: one kernel. (The
             # CPU's half-precision argmax is not vectorised: there the upcast first is faster.)
             x = logits.float() if logits.device.type == "cpu" else logits
@@ -62,11 +68,24 @@ class Sampler:
         # Penalties and filters write in place. They must not touch the caller's tensor nor `raw` when it
         # feeds logprobs (reported before any transform), so copy unless `raw` is already a private copy.
         private = logits.dtype != torch.float32 and raw.is_contiguous() and not wants_logprobs
-        edits = bool(sampled) or penalised
+        edits = bool(sampled) or penalised or biased
         work = raw.clone(memory_format=torch.contiguous_format) if edits and not private else raw
+        if biased:
+            _apply_bias(work, biases)
         if penalised:
             _apply_penalties(work, requests)
         return _collect(raw, self._choose(work, requests, sampled), requests)
+
+    def _bias(self, request: Request, vocab: int) -> list[tuple[int, float]]:
+        """What to add to the request's logits: its logit_bias, and -inf on eos (unless ignored) and its stop
+        token ids while it has fewer than min_tokens. Ids outside the vocabulary (the APIs refuse them) are
+        left out."""
+        params = request.params
+        entries = list(params.logit_bias)
+        if len(request.output_token_ids) < params.min_tokens:
+            banned = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self._eos))
+            entries += [(t, _NEG_INF) for t in sorted(banned)]
+        return [(t, b) for t, b in entries if t < vocab]
 
     def _choose(self, work: torch.Tensor, requests: Sequence[Request], sampled: list[int]) -> torch.Tensor:
         """Token ids [B]: the argmax for greedy rows, a draw for the `sampled` ones."""
@@ -255,6 +274,15 @@ def _request_generator(request: Request, device: torch.device) -> torch.Generato
     step = len(request.output_token_ids)
     request.generator.manual_seed((seed * 0x9E3779B1 + step * 0x85EBCA77) % (1 << 63))
     return request.generator
+
+
+def _apply_bias(logits: torch.Tensor, biases: Sequence[list[tuple[int, float]]]) -> None:
+    """Add each row's (token id, bias) pairs to its logits in place, all rows in one indexed add."""
+    rows = [i for i, entries in enumerate(biases) for _ in entries]
+    cols = [t for entries in biases for t, _ in entries]
+    values = [b for entries in biases for _, b in entries]
+    r, c, v = _upload(logits.device, _longs(rows), _longs(cols), _floats(values))
+    logits.index_put_((r, c), v, accumulate=True)
 
 
 def _apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> None:

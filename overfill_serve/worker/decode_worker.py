@@ -139,7 +139,9 @@ class DecodeWorker(ModelWorker):
     def _check_finished(self, ticket: TransferTicket, completion: Completion) -> None:
         """The KV is incomplete: take the peer's word that the request is over only if this engine's own
         stop rule agrees (the request then never runs here, so it could not decode on without the KV)."""
-        if ticket.resume is None and self.core.output.stops_on(completion.first_token, ticket.params):
+        if ticket.resume is None and self.core.output.stops_on(
+            completion.first_token, ticket.params, generated=1
+        ):
             return
         raise ChunkError(
             f"transfer {ticket.transfer_id}: the peer says the request finished on its first token "

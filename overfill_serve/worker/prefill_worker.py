@@ -147,7 +147,7 @@ class PrefillWorker(ModelWorker):
         if first is None:  # resumed: nothing sampled here; its decode worker continues from its tokens
             return Completion(request.output_token_ids[0], request.num_prompt_tokens)
         # The engine's own stop rule: a first token that ends the request needs no KV on the decode side.
-        finished = self.core.output.stops_on(first.token_id, request.params)
+        finished = self.core.output.stops_on(first.token_id, request.params, generated=1)
         return Completion(first.token_id, request.num_prompt_tokens, first.logprob, finished)
 
     def _layer_done(self, batch: Batch, layer: int) -> None:
