@@ -77,6 +77,18 @@ class PoolUnavailableError(ServiceUnavailableError):
     message says which pool and what is missing, and reaches the client: HTTP 503 `pool_unavailable`, gRPC
     UNAVAILABLE."""
 
+    code = "pool_unavailable"
+    retry_after_s = 30.0  # an operator has to act: retry much later
+
+
+class PoolStartingError(PoolUnavailableError):
+    """A pool the request needs has no running replica yet (the app is starting, or its replicas are being
+    replaced): HTTP 503 `pool_starting` with Retry-After, gRPC UNAVAILABLE, at once rather than after the
+    request waited in Serve's router."""
+
+    code = "pool_starting"
+    retry_after_s = 1.0
+
 
 class ModelConfigError(OverfillError, ValueError):
     """A model directory's config.json is missing, unreadable or describes an unsupported model."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from overfill_serve.errors import PoolUnavailableError
+from overfill_serve.errors import PoolStartingError, PoolUnavailableError
 from overfill_serve.request import Mode
 from overfill_serve.serve.placement import NodeInfo, label_matches, placement_problem
 from overfill_serve.serve.pool_monitor import PoolMonitor, PoolStatus
@@ -78,15 +78,19 @@ def test_monitor_refuses_only_the_modes_that_need_an_unplaceable_pool(caplog):
     assert report["status"] == "degraded" and report["pools"]["decode"]["problem"] == why
 
 
-def test_monitor_waits_for_a_placeable_pool_and_keeps_old_state_on_read_errors():
-    # no replica yet, but one can be placed (starting, or the autoscaler is adding a node): requests wait
+def test_monitor_refuses_a_starting_pool_at_once_and_keeps_old_state_on_read_errors():
+    # no replica running yet, but one can be placed (start-up, or the autoscaler adding a node): 503 at once
+    # with a short Retry-After, never a wait in Serve's router; the other pool's mode keeps working
     monitor = _monitor(
         {
             "prefill": PoolStatus("prefill", "PrefillServer", 0, 1),
             "decode": PoolStatus("decode", "DecodeServer", 2, 2),
         }
     )
-    monitor.check(Mode.OVERFILL)
+    for mode in (Mode.OVERFILL, Mode.FULL):
+        with pytest.raises(PoolStartingError, match=r"prefill pool .*no running replica yet \(0 of 1"):
+            monitor.check(mode)
+    monitor.check(Mode.PRUNED)
     assert monitor.report()["status"] == "degraded"
 
     def broken(app: str) -> dict[str, PoolStatus]:
@@ -95,3 +99,40 @@ def test_monitor_waits_for_a_placeable_pool_and_keeps_old_state_on_read_errors()
     monitor._read = broken
     monitor.refresh()
     assert monitor.pools["decode"].running == 2
+
+
+def test_monitor_serves_a_pool_scaling_up_or_scaled_to_zero_and_refuses_before_the_first_read():
+    # 1 of 2 running: scaling up, not starting; 0 of 0: scaled to zero, where a waiting request makes Serve
+    # start a replica, so it must reach the router
+    monitor = _monitor(
+        {
+            "prefill": PoolStatus("prefill", "PrefillServer", 1, 2),
+            "decode": PoolStatus("decode", "DecodeServer", 0, 0),
+        }
+    )
+    for mode in Mode:
+        monitor.check(mode)
+    unread = PoolMonitor("app", period_s=60, read=lambda app: {})
+    with pytest.raises(PoolStartingError, match="not known yet"):
+        unread.check(Mode.FULL)
+    assert unread.report()["status"] == "starting"
+
+
+def test_starting_and_unplaceable_pools_answer_503_with_retry_after_and_grpc_unavailable():
+    from overfill_serve.serve import grpc_errors
+    from overfill_serve.serve.openai_errors import from_exception
+
+    starting = PoolStartingError("the decode pool (DecodeServer) has no running replica yet (0 of 1 started)")
+    unplaceable = PoolUnavailableError("the decode pool (DecodeServer) has no replica and cannot get one: x")
+    for error, code, retry in ((starting, "pool_starting", "1"), (unplaceable, "pool_unavailable", "30")):
+        api = from_exception(error)
+        assert (api.status, api.code, api.headers["Retry-After"]) == (503, code, retry)
+        status, details = grpc_errors.status_for(error)
+        assert status.name == "UNAVAILABLE" and details.endswith(f"retry in {retry} s")
+
+
+def test_pool_report_for_health_leaves_out_actor_names():
+    monitor = _monitor({"decode": PoolStatus("decode", "DecodeServer", 1, 1, None, ("SERVE_REPLICA::x",))})
+    assert monitor.report()["pools"]["decode"] == {
+        "role": "decode", "deployment": "DecodeServer", "running": 1, "target": 1, "problem": None,
+    }  # fmt: skip

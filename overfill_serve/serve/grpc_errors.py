@@ -52,7 +52,7 @@ def status_for(exc: BaseException, *, request_id: str | None = None) -> tuple[gr
     if isinstance(exc, PreemptedError):
         return grpc.StatusCode.UNAVAILABLE, "no replica could finish the request (preempted); retry"
     if isinstance(exc, PoolUnavailableError):
-        return grpc.StatusCode.UNAVAILABLE, str(exc)
+        return grpc.StatusCode.UNAVAILABLE, f"{exc}; retry in {exc.retry_after_s:g} s"
     if isinstance(exc, ServiceUnavailableError):
         return grpc.StatusCode.UNAVAILABLE, "no replica could finish the request; retry"
     if kind == "unavailable":

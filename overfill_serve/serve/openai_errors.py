@@ -92,8 +92,8 @@ def from_exception(e: BaseException) -> ApiError:
     if isinstance(e, OverloadedError):
         retry_after = 1.0 if e.retry_after_s is None else e.retry_after_s
         return ApiError.unavailable(f"{e}; retry shortly", code="overloaded", retry_after=retry_after)
-    if isinstance(e, PoolUnavailableError):  # an operator's problem: say which pool and what it lacks
-        return ApiError.unavailable(str(e), code="pool_unavailable", retry_after=30.0)
+    if isinstance(e, PoolUnavailableError):  # which pool, and what it lacks (or that it is starting)
+        return ApiError.unavailable(str(e), code=e.code, retry_after=e.retry_after_s)
     if isinstance(e, ServiceUnavailableError):
         return ApiError.unavailable(
             "A serving worker is unavailable; retry shortly", code="service_unavailable"

@@ -3,7 +3,11 @@ for a pool short of replicas, whether any alive node could host one (placement.p
 
 A pool that cannot be placed is logged once as a warning naming what is missing, shows in `/health`, and
 requests that need it end at once with 503 / UNAVAILABLE saying why, while modes served by the other pool
-keep working (`:full` needs only prefill replicas, `:pruned` only decode replicas).
+keep working (`:full` needs only prefill replicas, `:pruned` only decode replicas). A pool with no running
+replica yet (start-up, or its replicas being replaced) refuses the same way at once, with a short Retry-After,
+instead of letting requests wait in Serve's router; a pool scaling from N to N+1, or scaled to zero (Serve
+starts one for a waiting request), takes requests. The first read happens as the monitor starts, and while
+a pool has no replica the monitor re-reads every `FAST_PERIOD_S`, so a replica coming up is noticed at once.
 """
 
 from __future__ import annotations
@@ -11,10 +15,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from overfill_serve.errors import PoolUnavailableError
+from overfill_serve.errors import PoolStartingError, PoolUnavailableError
 from overfill_serve.request import Mode
 from overfill_serve.serve.placement import NodeInfo, placement_problem
 
@@ -22,6 +26,7 @@ log = logging.getLogger(__name__)
 
 DEPLOYMENTS = {"prefill": "PrefillServer", "decode": "DecodeServer"}
 READ_TIMEOUT_S = 10.0  # a busy controller must not stall the monitor forever
+FAST_PERIOD_S = 0.5  # re-read period while a pool has no running replica
 POOL_OF_MODEL = {"teacher": "prefill", "student": "decode"}  # where each model is served
 
 
@@ -32,15 +37,28 @@ class PoolStatus:
     running: int
     target: int
     problem: str | None = None  # why a missing replica cannot be placed; None: it can (or none is missing)
+    actors: tuple[str, ...] = field(default=(), compare=False)  # Ray actor names of the running replicas
 
-    @property
-    def unavailable(self) -> str | None:
-        """Why requests for this pool cannot be served now, if they cannot."""
-        if self.running == 0 and self.problem is not None:
-            return (
+    def check(self) -> None:
+        """Raise `PoolUnavailableError` (no replica, none can be placed) or `PoolStartingError` (no replica
+        running yet, one is starting) if requests for this pool cannot be served now."""
+        if self.running > 0:
+            return
+        if self.problem is not None:
+            raise PoolUnavailableError(
                 f"the {self.role} pool ({self.deployment}) has no replica and cannot get one: {self.problem}"
             )
-        return None
+        if self.target > 0:  # target 0: scaled to zero, and a waiting request makes Serve start one
+            raise PoolStartingError(
+                f"the {self.role} pool ({self.deployment}) has no running replica yet "
+                f"(0 of {self.target} started)"
+            )
+
+    def public(self) -> dict[str, Any]:
+        """For `/health`."""
+        fields = asdict(self)
+        del fields["actors"]
+        return fields
 
 
 def read_pools(app_name: str) -> dict[str, PoolStatus]:
@@ -57,7 +75,8 @@ def read_pools(app_name: str) -> dict[str, PoolStatus]:
     pools = {}
     for role, name in DEPLOYMENTS.items():
         dep = deployments[name]
-        running = sum(1 for r in dep["replicas"] if r["state"] == "RUNNING")
+        actors = tuple(r["actor_name"] for r in dep["replicas"] if r["state"] == "RUNNING")
+        running = len(actors)
         target = int(dep["target_num_replicas"])
         problem = None
         if running < target:
@@ -65,7 +84,7 @@ def read_pools(app_name: str) -> dict[str, PoolStatus]:
             problem = placement_problem(
                 dep.get("required_resources") or {}, options.get("label_selector") or {}, nodes
             )
-        pools[role] = PoolStatus(role, name, running, target, problem)
+        pools[role] = PoolStatus(role, name, running, target, problem, actors)
     return pools
 
 
@@ -103,13 +122,13 @@ class PoolMonitor:
         self.pools = pools
 
     def check(self, mode: Mode) -> None:
-        """Raise `PoolUnavailableError` if a pool this mode needs cannot serve."""
+        """Raise `PoolUnavailableError` / `PoolStartingError` if a pool this mode needs cannot serve now."""
         pools = self.pools
         for role in dict.fromkeys(POOL_OF_MODEL[m] for m in mode.models):
             status = pools.get(role)
-            why = status.unavailable if status is not None else None
-            if why is not None:
-                raise PoolUnavailableError(why)
+            if status is None:
+                raise PoolStartingError(f"the {role} pool's replicas are not known yet (starting)")
+            status.check()
 
     def report(self) -> dict[str, Any]:
         """For `/health`: "ok" while every pool has a replica, "starting" until the pools are first read,
@@ -118,9 +137,10 @@ class PoolMonitor:
         status = (
             "starting" if not pools else "ok" if all(p.running > 0 for p in pools.values()) else "degraded"
         )
-        return {"status": status, "pools": {r: asdict(p) for r, p in pools.items()}}
+        return {"status": status, "pools": {r: p.public() for r, p in pools.items()}}
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self.refresh()
-            self._stop.wait(self.period_s)
+            complete = bool(self.pools) and all(p.running > 0 for p in self.pools.values())
+            self._stop.wait(self.period_s if complete else min(self.period_s, FAST_PERIOD_S))
