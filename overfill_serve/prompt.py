@@ -16,6 +16,7 @@ from overfill_serve.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
     from overfill_serve.engine.config import EngineConfig
+    from overfill_serve.sampling_params import SamplingParams
 
 Prompt = str | list[int]
 Message = dict[str, str]
@@ -47,14 +48,23 @@ class PromptEncoder:
 
     def encode(self, prompt: Prompt, field: str = "prompt") -> list[int]:
         if isinstance(prompt, str):
-            ids = list(self.tokenizer(prompt)["input_ids"]) if prompt else []  # "" may still give a BOS
-            return self.check(ids, field)
+            return self.check(self.tokenize(prompt), field)
         if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return self.check(prompt, field)
         raise InvalidRequestError("a prompt is a string or a list of token ids", field=field)
 
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The text's token ids, unchecked (`encode` checks them as a prompt)."""
+        if not text:
+            return []  # "" may still give a BOS
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
     def chat(self, messages: Sequence[Message]) -> list[int]:
         """A conversation rendered by the model's chat template, ready for the assistant's turn."""
+        return self.check(self.render_chat(messages), "messages")
+
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+        """The chat template's token ids for `messages` (roles checked), not yet checked as a prompt."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError("this model's tokenizer has no chat template", field="messages")
         if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
@@ -68,8 +78,22 @@ class PromptEncoder:
                     f"{field} must be one of {', '.join(CHAT_ROLES)}, got {m['role']!r}", field=field
                 )
         rendered = [{"role": CHAT_ROLES[m["role"]], "content": m["content"]} for m in messages]
-        text = self.tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False)
-        return self.check(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), "messages")
+        text = self.tokenizer.apply_chat_template(
+            rendered, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+        return self.tokenize(text, add_special_tokens=False)
+
+    def check_params(self, params: SamplingParams) -> SamplingParams:
+        """`params` if every token id it names (stop_token_ids, logit_bias) is in the vocabulary."""
+        named = {"stop_token_ids": params.stop_token_ids, "logit_bias": [t for t, _ in params.logit_bias]}
+        for field, ids in named.items():
+            bad = [t for t in ids if t >= self.vocab_size]
+            if bad:
+                raise InvalidRequestError(
+                    f"{field} names token id {bad[0]}, outside the vocabulary [0, {self.vocab_size})",
+                    field=field,
+                )
+        return params
 
     def check(self, token_ids: Sequence[int], field: str = "prompt") -> list[int]:
         """The ids, as a list, if they make a prompt this engine can serve; else `InvalidRequestError`."""

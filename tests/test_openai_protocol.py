@@ -29,8 +29,9 @@ from overfill_serve.serve.openai_requests import (
     ChatCompletionRequest,
     CompletionRequest,
     choice_sampling_params,
-    encode_prompt,
+    encode_prompts,
     parse_request,
+    prepare_choices,
     to_sampling_params,
 )
 
@@ -84,14 +85,33 @@ BAD_COMPLETION: list[tuple[dict[str, Any], str | None]] = [
     ({"best_of": 3}, "best_of"),
     ({"echo": True, "logprobs": 1}, "echo"),
     ({"suffix": "x"}, "suffix"),
-    ({"logit_bias": {"5": 10}}, "logit_bias"),
+    ({"logit_bias": {"x": 10}}, "logit_bias"),
+    ({"logit_bias": {"-5": 10}}, "logit_bias"),
+    ({"logit_bias": {"5": 100.5}}, "logit_bias"),
+    ({"logit_bias": {"5": "high"}}, "logit_bias.5"),
+    ({"logit_bias": {"99999": 1}}, "logit_bias"),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+    ({"min_tokens": -1}, "min_tokens"),
+    ({"min_tokens": 17}, "min_tokens"),
+    ({"min_tokens": 1.5}, "min_tokens"),
+    ({"stop_token_ids": [99999]}, "stop_token_ids"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"include_stop_str_in_output": "yes"}, "include_stop_str_in_output"),
+    ({"skip_special_tokens": 0}, "skip_special_tokens"),
+    ({"prompt_logprobs": 0}, "prompt_logprobs"),
+    ({"prompt_logprobs": 1}, "prompt_logprobs"),
+    ({"guided_json": {"type": "object"}}, "guided_json"),
+    ({"use_beam_search": True}, "use_beam_search"),
+    ({"tools": [{"type": "function"}]}, "tools"),
+    ({"stream_options": {"continuous_usage_stats": True}}, "stream_options"),
     ({"stop": [""]}, "stop"),
     ({"stop": 5}, "stop"),
     ({"stop_token_ids": ["a"]}, "stop_token_ids[0]"),
     ({"seed": "1"}, "seed"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
-    ({"prompt": ["a", "b"]}, "prompt"),
-    ({"prompt": [[1, 2], [3]]}, "prompt"),
+    ({"prompt": ["a", ""]}, "prompt[1]"),
+    ({"prompt": [[1, 2], [99999]]}, "prompt[1]"),
+    ({"prompt": ["a"] * 40, "n": 7}, "prompt"),
     ({"prompt": []}, "prompt"),
     ({"prompt": 5}, "prompt"),
     ({"model": 5}, "model"),
@@ -112,7 +132,14 @@ BAD_CHAT: list[tuple[dict[str, Any], str | None]] = [
     ({"temperature": -1}, "temperature"),
     ({"n": 0}, "n"),
     ({"tools": [{"type": "function"}]}, "tools"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"tool_choice": "auto"}, "tool_choice"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"echo": True}, "echo"),
+    ({"add_generation_prompt": False}, "add_generation_prompt"),
+    ({"chat_template_kwargs": {"enable_thinking": False}}, "chat_template_kwargs"),
+    ({"logit_bias": {"1": -101}}, "logit_bias"),
+    ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
 ]
 
 
@@ -128,9 +155,7 @@ def test_bad_parameter_is_a_400_naming_it(cls, body, param, as_json, tok):
     raw = json.dumps(body).encode() if as_json else body
 
     def prepare() -> None:  # what the ingress does with a body
-        request = parse_request(cls, raw)
-        choice_sampling_params(request)
-        encode_prompt(request, PromptEncoder(tok, len(tok), 4096))
+        prepare_choices(parse_request(cls, raw), PromptEncoder(tok, len(tok), 4096))
 
     err = expect_400(prepare, param)
     assert param.split("[")[0].split(".")[0] in err.message
@@ -146,8 +171,9 @@ def test_missing_fields_and_bad_bodies():
 
 def test_valid_requests_and_defaults():
     req = parse_request(CompletionRequest, completion_body(prompt=["only one"], user="u", unknown_field=1))
-    assert req.single_prompt == "only one"  # a batch of one is that prompt
-    assert parse_request(CompletionRequest, completion_body(prompt=[[5, 6]])).single_prompt == [5, 6]
+    assert req.prompts == ["only one"]  # a batch of one
+    assert parse_request(CompletionRequest, completion_body(prompt=[[5, 6]])).prompts == [[5, 6]]
+    assert parse_request(CompletionRequest, completion_body(prompt=[5, 6])).prompts == [[5, 6]]
     p = to_sampling_params(req)
     assert (p.max_tokens, p.temperature, p.top_p, p.seed, p.logprobs) == (16, 1.0, 1.0, None, None)
     chat = parse_request(
@@ -191,25 +217,25 @@ def test_each_choice_gets_its_own_seed():
     assert [p.seed for p in choice_sampling_params(unseeded)] == [None, None]
 
 
-def test_encode_prompt(tok):
+def test_encode_prompts(tok):
     prompts = PromptEncoder(tok, len(tok), 4096)
     chat = parse_request(ChatCompletionRequest, chat_body())
-    ids = encode_prompt(chat, prompts)
+    (ids,) = encode_prompts(chat, prompts)
     assert tok.decode(ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     developer = parse_request(
         ChatCompletionRequest, chat_body(messages=[{"role": "developer", "content": "x"}])
     )
-    assert tok.decode(encode_prompt(developer, prompts)).startswith("<|im_start|>system\nx")
+    assert tok.decode(encode_prompts(developer, prompts)[0]).startswith("<|im_start|>system\nx")
     text = parse_request(CompletionRequest, completion_body(prompt="Hello world"))
-    assert encode_prompt(text, prompts) == tok("Hello world")["input_ids"]
+    assert encode_prompts(text, prompts) == [tok("Hello world")["input_ids"]]
     ids_req = parse_request(CompletionRequest, completion_body(prompt=[3, 4, len(tok)]))
-    expect_400(lambda: encode_prompt(ids_req, prompts), "prompt")
+    expect_400(lambda: encode_prompts(ids_req, prompts), "prompt")
     negative = parse_request(CompletionRequest, completion_body(prompt=[3, -1]))
-    expect_400(lambda: encode_prompt(negative, prompts), "prompt")
-    expect_400(lambda: encode_prompt(text, PromptEncoder(tok, len(tok), 2)), "prompt")
-    expect_400(lambda: encode_prompt(chat, PromptEncoder(tok, len(tok), 3)), "messages")
+    expect_400(lambda: encode_prompts(negative, prompts), "prompt")
+    expect_400(lambda: encode_prompts(text, PromptEncoder(tok, len(tok), 2)), "prompt")
+    expect_400(lambda: encode_prompts(chat, PromptEncoder(tok, len(tok), 3)), "messages")
     expect_400(
-        lambda: encode_prompt(parse_request(CompletionRequest, completion_body(prompt="")), prompts), "prompt"
+        lambda: encode_prompts(parse_request(CompletionRequest, completion_body(prompt="")), prompts), "prompt"
     )
 
 
@@ -279,3 +305,40 @@ def test_ray_errors_are_unwrapped_or_mapped():
         == 503
     )
     assert from_exception(ray_exceptions.ActorDiedError()).status == 503
+
+
+def test_a_batch_of_prompts_gives_each_prompt_its_n_choices(tok):
+    """Prompt i's choice j is choice i * n + j, with the seed + j a request of that prompt alone would use."""
+    encoder = PromptEncoder(tok, len(tok), 4096)
+    req = parse_request(CompletionRequest, completion_body(prompt=["a b", "c"], n=2, seed=3, temperature=1))
+    prompts, params = prepare_choices(req, encoder)
+    a, c = tok("a b")["input_ids"], tok("c")["input_ids"]
+    assert prompts == [a, a, c, c] and [p.seed for p in params] == [3, 4, 3, 4]
+    alone = parse_request(CompletionRequest, completion_body(prompt="c", n=2, seed=3, temperature=1))
+    assert prepare_choices(alone, encoder) == ([c, c], params[2:])
+    ids = parse_request(CompletionRequest, completion_body(prompt=[[5, 6], [7]]))
+    assert prepare_choices(ids, encoder)[0] == [[5, 6], [7]] and ids.num_outputs == 2
+
+
+def test_vllm_sampling_extras_reach_the_sampling_params(tok):
+    body = completion_body(
+        min_tokens=3,
+        logit_bias={"7": 5, "2": -100.0},
+        stop_token_ids=[9],
+        include_stop_str_in_output=True,
+        skip_special_tokens=False,
+    )
+    (params,) = prepare_choices(parse_request(CompletionRequest, body), PromptEncoder(tok, len(tok), 4096))[1]
+    assert (params.min_tokens, params.logit_bias, params.stop_token_ids) == (3, ((2, -100.0), (7, 5.0)), (9,))
+    assert params.include_stop_str_in_output and not params.skip_special_tokens
+    default = to_sampling_params(parse_request(CompletionRequest, completion_body()))
+    assert (default.min_tokens, default.logit_bias, default.skip_special_tokens) == (0, (), True)
+
+
+def test_unsupported_parameters_at_their_defaults_are_accepted():
+    parse_request(
+        CompletionRequest,
+        completion_body(prompt_logprobs=None, use_beam_search=False, tools=[], tool_choice="none"),
+    )
+    chat = chat_body(tool_choice="none", modalities=["text"], add_generation_prompt=True, echo=False)
+    parse_request(ChatCompletionRequest, {**chat, "response_format": {"type": "text"}})

@@ -39,9 +39,8 @@ from overfill_serve.serve.openai_errors import ApiError, from_exception
 from overfill_serve.serve.openai_requests import (
     ChatCompletionRequest,
     CompletionRequest,
-    choice_sampling_params,
-    encode_prompt,
     parse_request,
+    prepare_choices,
 )
 from overfill_serve.serve.openai_responses import (
     ChatResponder,
@@ -104,7 +103,7 @@ def _serve_exposure() -> tuple[str, bool]:
 class Job:
     """A checked request, ready to generate: one per HTTP or gRPC call."""
 
-    prompt: list[int]
+    prompts: list[list[int]]  # one per choice: a batch's prompt i has choices i * n .. i * n + n - 1
     params: list[SamplingParams]  # one per choice
     mode: Mode
     request_id: str  # the engine's key, unique (a gRPC client's own id is only a label in its responses)
@@ -171,7 +170,7 @@ class Ingress:
             slot = self.admission.admit()
         except Exception as e:
             return _error_response(from_exception(e))
-        streams = [self._generate(job, p, f"{job.request_id}-{i}") for i, p in enumerate(job.params)]
+        streams = [self._generate(job, i, f"{job.request_id}-{i}") for i in range(len(job.params))]
         outputs = merge_choices(streams)
         if stream:
             sse = self.admission.hold(slot, responder.sse_stream(outputs))
@@ -189,12 +188,12 @@ class Ingress:
         req = parse_request(cls, body)
         mode = resolve_model(req.model, self.config.pair_name)
         self.pools.check(mode)
-        prompt = encode_prompt(req, self.prompts)
-        params = choice_sampling_params(req, default_max_tokens=self.prompts.max_model_len - len(prompt))
+        prompts, params = prepare_choices(req, self.prompts)
+        prompt_tokens = sum(len(p) for p in prompts[:: req.num_choices])  # each prompt once
         responder = make_responder(
-            req, self._served_by(mode), self.prompts.tokenizer, prompt_tokens=len(prompt)
+            req, self._served_by(mode), self.prompts.tokenizer, prompt_tokens=prompt_tokens
         )
-        return Job(prompt, params, mode, responder.id), responder, bool(req.stream)
+        return Job(prompts, params, mode, responder.id), responder, bool(req.stream)
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
@@ -224,7 +223,7 @@ class Ingress:
             job, acc = await self._read(self._grpc_job, request, _metadata(grpc_context))
             slot = self.admission.admit()
             try:
-                async for out in self._generate(job, job.params[0], job.request_id):
+                async for out in self._generate(job, 0, job.request_id):
                     yield acc, acc.add(out)
             finally:
                 slot.release()
@@ -249,10 +248,11 @@ class Ingress:
         mode = grpc_requests.mode_from_request(request, self.config.pair_name)
         self.pools.check(mode)
         prompt = grpc_requests.prompt_from_request(request, self.prompts)
-        params = grpc_requests.params_from_proto(request.sampling if request.HasField("sampling") else None)
+        options = request.sampling if request.HasField("sampling") else None
+        params = self.prompts.check_params(grpc_requests.params_from_proto(options))
         label = grpc_requests.request_id_of(request)
         acc = grpc_responses.GenerationAccumulator(label, len(prompt), self._served_by(mode))
-        return Job(prompt, [params], mode, f"grpc-{uuid.uuid4().hex}"), acc
+        return Job([prompt], [params], mode, f"grpc-{uuid.uuid4().hex}"), acc
 
     def _check_grpc_call(self, metadata: list[tuple[str, str]]) -> None:
         check_api_key(metadata, self.config.api_key)
@@ -271,9 +271,9 @@ class Ingress:
     def _served_by(self, mode: Mode) -> ServedBy:
         return ServedBy.of(mode, self.teacher_name, self.student_name)
 
-    async def _generate(self, job: Job, params: SamplingParams, request_id: str) -> AsyncIterator[StepOutput]:
+    async def _generate(self, job: Job, choice: int, request_id: str) -> AsyncIterator[StepOutput]:
         """One choice's stream from the dispatcher, timed for the request metrics."""
-        prompt, mode = job.prompt, job.mode
+        prompt, params, mode = job.prompts[choice], job.params[choice], job.mode
         start, first, n, reason = time.perf_counter(), None, 0, "error"
         try:
             async for out in self.dispatcher.generate(prompt, params, mode, request_id):

@@ -1,15 +1,17 @@
 """OpenAI-compatible requests: pydantic models, validation and sampling parameters.
 
-Pure protocol code (no Ray, no HTTP framework): the ingress parses a body with `parse_request`, builds one
-`SamplingParams` per choice with `to_sampling_params` and the prompt's token ids with `encode_prompt`. Every
-invalid request raises a 400 `ApiError` naming the parameter. Model names resolve through
+Pure protocol code (no Ray, no HTTP framework): the ingress parses a body with `parse_request`, then
+`prepare_choices` gives every choice its prompt's token ids and its `SamplingParams` (a completions request
+may carry a batch of prompts: prompt i's choice j is choice i * n + j). Every invalid request raises a 400
+`ApiError` naming the parameter; so does a known OpenAI / vLLM parameter this server does not implement
+(`UNSUPPORTED`), rather than being silently ignored. Model names resolve through
 `model_names.resolve_model`, errors map to OpenAI error bodies in `openai_errors`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -29,6 +31,7 @@ from overfill_serve.sampling_params import FLOAT_FIELDS, SamplingParams
 from overfill_serve.serve.openai_errors import ApiError, from_validation_errors
 
 MAX_N = 8
+MAX_BATCH_CHOICES = 256  # prompts x n in one completions request
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API allows 0..5 alternatives
 MAX_TOP_LOGPROBS = 20
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -43,6 +46,44 @@ _OPTIONAL_SAMPLING = (*FLOAT_FIELDS, "top_k")
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: StrictBool | None = False
+    continuous_usage_stats: StrictBool | None = False  # vLLM: usage on every chunk
+
+
+# Known parameters this server does not implement, each with the values that ask for nothing (a client may
+# send the default): any other value is a 400 naming the parameter.
+_UNSET: tuple[Any, ...] = (None, False, [], {}, "")
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    name: _UNSET
+    for name in (
+        "prompt_logprobs",
+        "tools",
+        "functions",
+        "function_call",
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+        "structured_outputs",
+        "logits_processors",
+        "allowed_token_ids",
+        "bad_words",
+        "truncate_prompt_tokens",
+        "use_beam_search",
+        "prompt_embeds",
+        "return_tokens_as_token_ids",
+        "audio",
+        "prediction",
+    )
+} | {"tool_choice": (*_UNSET, "none"), "modalities": (*_UNSET, ["text"])}
+CHAT_UNSUPPORTED = (
+    UNSUPPORTED
+    | {name: _UNSET for name in ("echo", "continue_final_message", "chat_template", "chat_template_kwargs")}
+    | {"add_generation_prompt": (None, True)}
+)
+
+
+def _is_unset(value: Any, allowed: tuple[Any, ...]) -> bool:
+    return any(type(value) is type(a) and value == a for a in allowed)  # 0 is not False here
 
 
 class _Request(BaseModel):
@@ -60,17 +101,48 @@ class _Request(BaseModel):
     frequency_penalty: StrictFloat | None = None
     stop: StrictStr | list[StrictStr] | None = None
     stop_token_ids: list[StrictInt] | None = None
+    include_stop_str_in_output: StrictBool | None = False
+    skip_special_tokens: StrictBool | None = True
+    min_tokens: StrictInt | None = None
     seed: StrictInt | None = None
     n: StrictInt | None = 1
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: StrictBool | None = False
     user: Any = None  # accepted and ignored
-    logit_bias: dict[str, Any] | None = None  # unsupported: rejected when non-empty
+    logit_bias: dict[StrictStr, StrictInt | StrictFloat] | None = None  # token id (a string in JSON) -> bias
+    unsupported: ClassVar[dict[str, tuple[Any, ...]]] = UNSUPPORTED
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            for name, allowed in cls.unsupported.items():
+                if name in data and not _is_unset(data[name], allowed):
+                    raise ApiError.invalid(f"{name} is not supported by this server", name)
+        return data
 
     @property
     def num_choices(self) -> int:
         return 1 if self.n is None else self.n
+
+    @property
+    def num_outputs(self) -> int:
+        """Choices in the response: n per prompt."""
+        return self.num_choices
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.continuous_usage_stats)
+
+    def token_bias(self) -> dict[int, float]:
+        """logit_bias with its keys as token ids; a key that is not one is a 400."""
+        out = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise ApiError.invalid(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+            out[int(key)] = float(value)
+        return out
 
     @property
     def include_usage(self) -> bool:
@@ -81,8 +153,7 @@ class _Request(BaseModel):
             raise ApiError.invalid(f"n must be in [1, {MAX_N}], got {self.n}", "n")
         if self.stream_options is not None and not self.stream:
             raise ApiError.invalid("stream_options is only allowed when stream is true", "stream_options")
-        if self.logit_bias:
-            raise ApiError.invalid("logit_bias is not supported", "logit_bias")
+        self.token_bias()
 
 
 class CompletionRequest(_Request):
@@ -96,17 +167,14 @@ class CompletionRequest(_Request):
     @model_validator(mode="after")
     def _check(self) -> CompletionRequest:
         self._check_common()
-        p = self.prompt
-        if isinstance(p, list) and p and not isinstance(p[0], int):
-            # A list of prompts is a batch; a batch of one is common from clients and means that one prompt.
-            if len(p) != 1:
-                raise ApiError.invalid(
-                    f"batched prompts are not supported ({len(p)} prompts); send one prompt per request",
-                    "prompt",
-                )
-            self.prompt = p[0]
         if self.prompt == []:
             raise ApiError.invalid("prompt is empty", "prompt")
+        if self.num_outputs > MAX_BATCH_CHOICES:
+            raise ApiError.invalid(
+                f"{len(self.prompts)} prompts x n={self.num_choices} choices is over the "
+                f"{MAX_BATCH_CHOICES} one request may ask for",
+                "prompt",
+            )
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
             raise ApiError.invalid(
                 f"logprobs must be in [0, {MAX_COMPLETION_LOGPROBS}], got {self.logprobs}", "logprobs"
@@ -120,9 +188,20 @@ class CompletionRequest(_Request):
         return self
 
     @property
-    def single_prompt(self) -> str | list[int]:
-        assert isinstance(self.prompt, str) or all(isinstance(t, int) for t in self.prompt)
-        return self.prompt  # type: ignore[return-value]
+    def is_batch(self) -> bool:
+        """A list of prompts (of strings or of token-id lists), even a list of one."""
+        return isinstance(self.prompt, list) and bool(self.prompt) and not isinstance(self.prompt[0], int)
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, in order: one unless the request is a batch."""
+        if self.is_batch:
+            return list(self.prompt)  # type: ignore[arg-type]
+        return [self.prompt]  # type: ignore[list-item]
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.prompts) * self.num_choices
 
 
 class TextPart(BaseModel):
@@ -148,10 +227,9 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool | None = False
     top_logprobs: StrictInt | None = None
-    # Tools and structured output are not implemented; rejecting beats silently ignoring them.
-    tools: list[Any] | None = None
-    functions: list[Any] | None = None
+    # Structured output is not implemented: only the default, text, is accepted.
     response_format: dict[str, Any] | None = None
+    unsupported: ClassVar[dict[str, tuple[Any, ...]]] = CHAT_UNSUPPORTED
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
@@ -162,9 +240,6 @@ class ChatCompletionRequest(_Request):
             )
         if self.top_logprobs and not self.logprobs:
             raise ApiError.invalid("top_logprobs requires logprobs to be true", "top_logprobs")
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                raise ApiError.invalid(f"{name} are not supported", name)
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise ApiError.invalid("only response_format {'type': 'text'} is supported", "response_format")
         return self
@@ -216,6 +291,10 @@ def to_sampling_params(
             stop=(request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ()),
             stop_token_ids=tuple(request.stop_token_ids or ()),
             ignore_eos=bool(request.ignore_eos),
+            include_stop_str_in_output=bool(request.include_stop_str_in_output),
+            skip_special_tokens=request.skip_special_tokens is not False,
+            min_tokens=request.min_tokens or 0,
+            logit_bias=tuple(request.token_bias().items()),
             logprobs=logprobs,
             **{k: v for k, v in optional.items() if v is not None},
         )
@@ -236,9 +315,23 @@ def choice_sampling_params(
     ]
 
 
-def encode_prompt(request: AnyRequest, prompts: PromptEncoder) -> list[int]:
-    """Prompt token ids (a chat rendered through the model's chat template), checked as every API checks
-    them: a bad prompt raises `InvalidRequestError`, a 400 naming the field."""
+def encode_prompts(request: AnyRequest, prompts: PromptEncoder) -> list[list[int]]:
+    """Each prompt's token ids (a chat rendered through the model's chat template), checked as every API
+    checks them: a bad prompt raises `InvalidRequestError`, a 400 naming the field (`prompt[i]` in a batch)."""
     if isinstance(request, ChatCompletionRequest):
-        return prompts.chat(request.template_messages())
-    return prompts.encode(request.single_prompt)
+        return [prompts.chat(request.template_messages())]
+    if not request.is_batch:
+        return [prompts.encode(request.prompts[0])]
+    return [prompts.encode(p, f"prompt[{i}]") for i, p in enumerate(request.prompts)]
+
+
+def prepare_choices(
+    request: AnyRequest, prompts: PromptEncoder
+) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Every choice's prompt token ids and sampling parameters, checked (token ids against the vocabulary
+    too). Prompt i's choice j is choice i * n + j, and uses the seed + j a request of that prompt alone
+    would, so a batch answers what its prompts sent one by one would."""
+    ids = encode_prompts(request, prompts)
+    room = prompts.max_model_len - len(ids[0])  # the chat default; completions default to 16 tokens
+    params = [prompts.check_params(p) for p in choice_sampling_params(request, default_max_tokens=room)]
+    return [p for p in ids for _ in params], params * len(ids)

@@ -131,7 +131,7 @@ class _Responder(abc.ABC):
         self.id = request_id or f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time()) if created is None else created
         self.strings = TokenStrings(tokenizer)
-        self.choices = [ChoiceState(i) for i in range(request.num_choices)]
+        self.choices = [ChoiceState(i) for i in range(request.num_outputs)]
         # Completions: logprobs=0..5 (0 still wants the chosen token's); chat: logprobs=true.
         self.logprobs_wanted = request.logprobs is not None and request.logprobs is not False
 
@@ -139,12 +139,14 @@ class _Responder(abc.ABC):
     def finished(self) -> bool:
         return all(c.finished for c in self.choices)
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
+        """Usage so far (every prompt's tokens once, whatever n). No prefix cache yet: no cached tokens."""
         completion = sum(len(c.token_ids) for c in self.choices)
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": self.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": 0},
         }
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
@@ -154,7 +156,9 @@ class _Responder(abc.ABC):
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         out = self._envelope(self.chunk_object, choices)
-        if self.request.include_usage:
+        if self.request.continuous_usage:
+            out["usage"] = self.usage()  # vLLM's continuous_usage_stats: usage so far on every chunk
+        elif self.request.include_usage:
             out["usage"] = None  # OpenAI: null on every chunk but the final usage chunk
         return out
 
@@ -223,15 +227,18 @@ class CompletionResponder(_Responder):
 
     def __init__(self, request: CompletionRequest, served_by: ServedBy, tokenizer: Any, **kw: Any) -> None:
         super().__init__(request, served_by, tokenizer, **kw)
-        prompt = request.single_prompt
-        self.echo_text = ""
+        self.echo_texts: list[str] = []  # each prompt's text, when echoed
         if request.echo:
-            self.echo_text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+            self.echo_texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in request.prompts]
+
+    def _echo(self, choice: ChoiceState) -> str:
+        """The echoed prompt of a choice: prompt i's choices are i * n .. i * n + n - 1."""
+        return self.echo_texts[choice.index // self.request.num_choices] if self.echo_texts else ""
 
     def start(self) -> list[dict[str, Any]]:
-        if not self.echo_text:
+        if not self.echo_texts:
             return []
-        return [self._chunk([self._delta(c, self.echo_text, None)]) for c in self.choices]
+        return [self._chunk([self._delta(c, self._echo(c), None)]) for c in self.choices]
 
     def _logprobs(self, choice: ChoiceState, start: int) -> dict[str, Any]:
         out: dict[str, list[Any]] = {
@@ -251,7 +258,7 @@ class CompletionResponder(_Responder):
         return _choice(choice, "text", text, logprobs)
 
     def _final(self, choice: ChoiceState, logprobs: dict[str, Any] | None) -> dict[str, Any]:
-        return self._delta(choice, self.echo_text + choice.text, logprobs)
+        return self._delta(choice, self._echo(choice) + choice.text, logprobs)
 
 
 class ChatResponder(_Responder):
