@@ -245,3 +245,21 @@ def test_bad_arguments(llama: Path, tmp_path: Path, kwargs, names: str) -> None:
 def test_refuses_to_overwrite_teacher(llama: Path) -> None:
     with pytest.raises(ModelConfigError, match="out_dir"):
         prune_model(llama, llama, num_layers=4)
+
+
+def test_progress_reports_each_stage_to_its_end(llama: Path, tmp_path: Path) -> None:
+    calls: list[tuple[str, int, int]] = []
+    prune_model(
+        llama,
+        tmp_path,
+        hidden_size=48,
+        max_calibration_tokens=CALIB,
+        progress=lambda stage, done, total: calls.append((stage, done, total)),
+    )
+    stages = list(dict.fromkeys(stage for stage, _, _ in calls))
+    assert stages == ["calibrating", "reading weights", "writing student"]
+    for stage in stages:
+        mine = [(done, total) for s, done, total in calls if s == stage]
+        assert mine[0][0] == 0 and mine[-1][0] == mine[-1][1]  # starts at 0, ends at its total
+        assert [d for d, _ in mine] == sorted(d for d, _ in mine)  # never goes back
+    assert ("calibrating", CALIB, CALIB) in calls

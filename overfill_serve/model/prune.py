@@ -42,6 +42,12 @@ TOKENIZER_FILES = (
 CALIBRATION_CHUNK = 512
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# Progress callback: (stage, done, total), e.g. ("calibrating", 1024, 2048) in tokens; the CLI draws bars.
+ProgressFn = Callable[[str, int, int], None]
+
+
+def _no_progress(_stage: str, _done: int, _total: int) -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,7 @@ def prune_model(
     calibration_texts: list[str] | None = None,
     max_calibration_tokens: int = 2048,
     dtype: str | None = None,
+    progress: ProgressFn | None = None,
 ) -> PruneReport:
     """Write a pruned student of the teacher in src_dir to out_dir.
 
@@ -82,7 +89,8 @@ def prune_model(
     layer kept_layers[j]'s weights. Channel and neuron importance is measured with transformers' model on
     `calibration_texts` (default: the pydoc topic pages that ship with Python), at most
     max_calibration_tokens tokens. The result is NOT a usable model until it is distilled: pruning is not
-    training, and an undistilled student produces poor text.
+    training, and an undistilled student produces poor text. `progress(stage, done, total)`, when given, is
+    called as calibration tokens, weight files and the student's write complete.
     """
     src, out = Path(src_dir), Path(out_dir)
     if out.resolve() == src.resolve():
@@ -93,21 +101,26 @@ def prune_model(
     kept = _resolve_depth(num_layers, kept_layers, spec.num_layers)
     if dtype is not None and dtype not in _DTYPES:
         raise ModelConfigError(f"dtype={dtype!r} is not supported (use one of {sorted(_DTYPES)})")
+    step = progress or _no_progress
 
     hidden_idx, neuron_idx, n_tokens = None, {}, 0
     if h_new < spec.hidden_size or i_new < spec.intermediate_size:
         if max_calibration_tokens <= 0:
             raise ModelConfigError(f"max_calibration_tokens={max_calibration_tokens} must be > 0")
-        hidden_imp, neuron_imp, n_tokens = _importance(src, kept, calibration_texts, max_calibration_tokens)
+        hidden_imp, neuron_imp, n_tokens = _importance(
+            src, kept, calibration_texts, max_calibration_tokens, step
+        )
         hidden_idx = _top_k(hidden_imp, h_new)
         neuron_idx = {layer: _top_k(imp, i_new) for layer, imp in neuron_imp.items()}
-    teacher = _read_tensors(src)
+    teacher = _read_tensors(src, step)
     student = _slice_tensors(teacher, kept, hidden_idx, neuron_idx, _DTYPES.get(dtype or ""))
 
     # A source that is itself a depth-pruned student maps onto its own teacher's layers: compose the maps.
     src_map = spec.kept_layers
     written = tuple(src_map[k] for k in kept) if src_map is not None else kept
+    step("writing student", 0, 1)
     _write_student(src, out, student, _student_config(config, spec, h_new, i_new, kept, written, dtype))
+    step("writing student", 1, 1)
     return PruneReport(
         src_dir=src,
         out_dir=out,
@@ -184,7 +197,7 @@ def _calibration_chunks(
 
 @torch.no_grad()
 def _importance(
-    src: Path, kept: tuple[int, ...], texts: list[str] | None, budget: int
+    src: Path, kept: tuple[int, ...], texts: list[str] | None, budget: int, progress: ProgressFn
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor], int]:
     """Mean |activation| per hidden channel (summed over the kept layers' norms and the final norm, as in
     Minitron) and per MLP neuron of each kept layer, from transformers' own teacher forward."""
@@ -217,9 +230,13 @@ def _importance(
     chunk = min(CALIBRATION_CHUNK, int(getattr(model.config, "max_position_embeddings", CALIBRATION_CHUNK)))
     n_tokens = 0
     try:
+        progress("calibrating", 0, budget)
         for ids in _calibration_chunks(tokenizer, texts, budget, chunk):
             model(torch.tensor([ids]), use_cache=False)
             n_tokens += len(ids)
+            progress("calibrating", n_tokens, budget)
+        if n_tokens < budget:  # calibration texts shorter than the budget end the stage early
+            progress("calibrating", budget, budget)
     finally:
         for handle in handles:
             handle.remove()
@@ -228,7 +245,7 @@ def _importance(
     return hidden / n_tokens, {k: v / n_tokens for k, v in neurons.items()}, n_tokens
 
 
-def _read_tensors(src: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(src: Path, progress: ProgressFn = _no_progress) -> dict[str, torch.Tensor]:
     index = src / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -237,8 +254,10 @@ def _read_tensors(src: Path) -> dict[str, torch.Tensor]:
     else:
         raise WeightLoadError(f"{src} has no model.safetensors or model.safetensors.index.json")
     tensors: dict[str, torch.Tensor] = {}
-    for name in files:
+    progress("reading weights", 0, len(files))
+    for i, name in enumerate(files):
         tensors.update(load_file(str(src / name)))
+        progress("reading weights", i + 1, len(files))
     return tensors
 
 

@@ -75,16 +75,19 @@ def _check_pair(args: argparse.Namespace) -> None:
 
 def _prune(args: argparse.Namespace) -> None:
     from overfill_serve.model.prune import prune_model
+    from overfill_serve.tools.progress import StageBars
 
-    report = prune_model(
-        args.model,
-        args.out,
-        hidden_size=args.hidden_size,
-        intermediate_size=args.intermediate_size,
-        num_layers=args.num_layers,
-        kept_layers=_kept(args.kept_layers),
-        max_calibration_tokens=args.calibration_tokens,
-    )
+    with StageBars(units={"calibrating": "tok", "reading weights": "file"}) as bars:
+        report = prune_model(
+            args.model,
+            args.out,
+            hidden_size=args.hidden_size,
+            intermediate_size=args.intermediate_size,
+            num_layers=args.num_layers,
+            kept_layers=_kept(args.kept_layers),
+            max_calibration_tokens=args.calibration_tokens,
+            progress=bars,
+        )
     print(
         f"wrote {report.out_dir}: hidden {report.teacher_hidden_size}->{report.student_hidden_size}, "
         f"intermediate {report.teacher_intermediate_size}->{report.student_intermediate_size}, "
@@ -96,8 +99,11 @@ def _prune(args: argparse.Namespace) -> None:
 
 def _fetch_default(args: argparse.Namespace) -> None:
     from overfill_serve.tools.default_model import fetch_default
+    from overfill_serve.tools.progress import StageBars
 
-    print(fetch_default(force=args.force))
+    with StageBars() as bars:
+        path = fetch_default(force=args.force, progress=bars)
+    print(path)
 
 
 def build_parser() -> argparse.ArgumentParser:

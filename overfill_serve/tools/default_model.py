@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +74,12 @@ def is_complete(path: Path) -> bool:
     return isinstance(marker, dict) and marker.get("format_version") == FORMAT_VERSION
 
 
-def fetch_default(force: bool = False) -> Path:
-    """Convert the embedded GGUF into `<cache_root>/SmolLM2-135M-Instruct` unless already done; return it."""
+def fetch_default(force: bool = False, progress: Callable[[str, int, int], None] | None = None) -> Path:
+    """Convert the embedded GGUF into `<cache_root>/SmolLM2-135M-Instruct` unless already done; return it.
+
+    `progress(stage, done, total)`, when given, hears of a conversion's two steps: the GGUF read, dequantized
+    and saved (most of the ~20 s; transformers draws its own bars inside), and the result checked and
+    published."""
     root = cache_root()
     target = root / DEFAULT_MODEL_NAME
     if not force and is_complete(target):
@@ -89,16 +93,21 @@ def fetch_default(force: bool = False) -> Path:
             return target
         _remove_stale_temp_dirs(root)
         tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.tmp-", dir=root))
+        stage = f"converting {DEFAULT_MODEL_NAME} (one-time, ~20 s)"
+        step = progress or (lambda _stage, _done, _total: None)
         try:
             start = time.monotonic()
             logger.info("converting %s into %s (one-time, ~20 s)", gguf_path, target)
+            step(stage, 0, 2)
             _convert(gguf_path, tmp)
+            step(stage, 1, 2)
             _check_converted(tmp)
             _make_readable(tmp)
             (tmp / MARKER_FILE).write_text(
                 json.dumps({"format_version": FORMAT_VERSION, "source": GGUF_FILE, "created": time.time()})
             )
             _swap_into_place(tmp, target)
+            step(stage, 2, 2)
             logger.info("converted %s in %.1f s", DEFAULT_MODEL_NAME, time.monotonic() - start)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # no-op once it has been moved into place
