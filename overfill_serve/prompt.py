@@ -63,8 +63,11 @@ class PromptEncoder:
         """A conversation rendered by the model's chat template, ready for the assistant's turn."""
         return self.check(self.render_chat(messages), "messages")
 
-    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
-        """The chat template's token ids for `messages` (roles checked), not yet checked as a prompt."""
+    def render_chat(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True, add_special_tokens: bool = False
+    ) -> list[int]:
+        """The chat template's token ids for `messages` (roles checked), not yet checked as a prompt. The
+        template spells the special tokens it wants: the tokenizer adds none unless asked."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError("this model's tokenizer has no chat template", field="messages")
         if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
@@ -81,7 +84,7 @@ class PromptEncoder:
         text = self.tokenizer.apply_chat_template(
             rendered, add_generation_prompt=add_generation_prompt, tokenize=False
         )
-        return self.tokenize(text, add_special_tokens=False)
+        return self.tokenize(text, add_special_tokens=add_special_tokens)
 
     def check_params(self, params: SamplingParams) -> SamplingParams:
         """`params` if every token id it names (stop_token_ids, logit_bias) is in the vocabulary."""

@@ -250,7 +250,7 @@ class ChatCompletionRequest(_Request):
 
 
 AnyRequest = CompletionRequest | ChatCompletionRequest
-_R = TypeVar("_R", CompletionRequest, ChatCompletionRequest)
+_R = TypeVar("_R", bound=BaseModel)
 
 
 def parse_request(cls: type[_R], body: bytes | str | Mapping[str, Any]) -> _R:

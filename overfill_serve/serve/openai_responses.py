@@ -18,6 +18,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from typing import Any
 
 from overfill_serve.engine.output_processor import StepOutput
+from overfill_serve.errors import ModelNotFoundError
 from overfill_serve.request import FinishReason, Mode, TokenLogprob
 from overfill_serve.serve.model_names import model_ids
 from overfill_serve.serve.openai_errors import ApiError, from_exception
@@ -64,6 +65,14 @@ def model_list(
             {"id": name, "object": "model", "created": created, "owned_by": owned_by, "overfill": ext}
         )
     return {"object": "list", "data": data}
+
+
+def model_entry(model_id: str, pair_name: str, created: int, teacher: str, student: str) -> dict[str, Any]:
+    """GET /v1/models/{id}: that model's object from the list; `ModelNotFoundError` (404) for any other id."""
+    for entry in model_list(pair_name, created, teacher, student)["data"]:
+        if entry["id"] == model_id:
+            return entry
+    raise ModelNotFoundError(model_id, [name for name, _ in model_ids(pair_name)])
 
 
 # --------------------------------------------------------------------------------------------------- choices

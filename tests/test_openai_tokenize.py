@@ -1,0 +1,83 @@
+"""vLLM's /tokenize and /detokenize bodies: the served tokenizer through the PromptEncoder every API uses,
+with 400s naming the field and 404 for a model not served; and GET /v1/models/{id}."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from openai.types import Model
+from test_openai_protocol import PAIR
+
+from overfill_serve.errors import ModelNotFoundError
+from overfill_serve.model.random_model import make_tokenizer
+from overfill_serve.prompt import PromptEncoder
+from overfill_serve.serve.openai_errors import ApiError, from_exception
+from overfill_serve.serve.openai_responses import model_entry
+from overfill_serve.serve.openai_tokenize import detokenize, tokenize
+
+
+@pytest.fixture(scope="module")
+def encoder() -> PromptEncoder:
+    tok = make_tokenizer()
+    return PromptEncoder(tok, len(tok), 64)
+
+
+def call(fn, body: dict, encoder: PromptEncoder) -> dict:
+    return fn(json.dumps(body).encode(), encoder, PAIR)
+
+
+def error_of(fn, body: dict, encoder: PromptEncoder) -> ApiError:
+    with pytest.raises(Exception) as info:
+        call(fn, body, encoder)
+    return from_exception(info.value)
+
+
+def test_tokenize_a_prompt_and_a_chat(encoder):
+    tok = encoder.tokenizer
+    out = call(tokenize, {"model": PAIR, "prompt": "Hello world"}, encoder)
+    assert out == {
+        "count": len(out["tokens"]),
+        "max_model_len": 64,
+        "tokens": tok("Hello world")["input_ids"],
+    }
+    long = call(tokenize, {"prompt": "word " * 200}, encoder)  # over the context: still counted
+    assert long["count"] > 64
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = call(tokenize, {"model": f"{PAIR}:full", "messages": messages}, encoder)
+    assert tok.decode(chat["tokens"]) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert chat["tokens"] == encoder.chat(messages)  # what a chat completion of it would prefill
+    bare = call(tokenize, {"messages": messages, "add_generation_prompt": False}, encoder)
+    assert tok.decode(bare["tokens"]) == "<|im_start|>user\nHi<|im_end|>\n"
+
+
+def test_detokenize_round_trips(encoder):
+    ids = call(tokenize, {"prompt": "héllo wörld"}, encoder)["tokens"]
+    assert call(detokenize, {"model": PAIR, "tokens": ids}, encoder) == {"prompt": "héllo wörld"}
+
+
+@pytest.mark.parametrize(
+    "fn, body, status, param",
+    [
+        (tokenize, {"model": "other", "prompt": "x"}, 404, "model"),
+        (tokenize, {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 400, "prompt"),
+        (tokenize, {}, 400, "prompt"),
+        (tokenize, {"prompt": 5}, 400, "prompt"),
+        (tokenize, {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
+        (detokenize, {"tokens": [1, 10**6]}, 400, "tokens"),
+        (detokenize, {"tokens": [-1]}, 400, "tokens"),
+        (detokenize, {"tokens": "abc"}, 400, "tokens"),
+        (detokenize, {"model": "other", "tokens": [1]}, 404, "model"),
+    ],
+)
+def test_bad_requests_name_the_field(encoder, fn, body, status, param):
+    error = error_of(fn, body, encoder)
+    assert (error.status, error.param) == (status, param), error.message
+
+
+def test_one_model_by_id():
+    entry = model_entry(f"{PAIR}:pruned", PAIR, 1700000000, "teacher", "student")
+    assert Model.model_validate(entry).id == f"{PAIR}:pruned" and entry["overfill"]["mode"] == "pruned"
+    with pytest.raises(ModelNotFoundError):
+        model_entry("gpt-4", PAIR, 0, "teacher", "student")
+    assert from_exception(ModelNotFoundError("gpt-4", [PAIR])).code == "model_not_found"
