@@ -173,7 +173,9 @@ def test_a_batch_of_prompts_answers_each_with_its_choices_and_sums_usage(tok):
     assert [c.text for c in body.choices] == [f"{e} reply {i}" for i, e in enumerate(echoed)]
     assert body.usage is not None and body.usage.prompt_tokens == 4
     assert body.usage.completion_tokens == sum(len(s) for s in steps.values())
-    assert body.usage.prompt_tokens_details is not None and body.usage.prompt_tokens_details.cached_tokens == 0
+    assert (
+        body.usage.prompt_tokens_details is not None and body.usage.prompt_tokens_details.cached_tokens == 0
+    )
 
 
 @pytest.mark.parametrize("include_usage", [True, False])

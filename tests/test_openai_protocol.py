@@ -235,7 +235,8 @@ def test_encode_prompts(tok):
     expect_400(lambda: encode_prompts(text, PromptEncoder(tok, len(tok), 2)), "prompt")
     expect_400(lambda: encode_prompts(chat, PromptEncoder(tok, len(tok), 3)), "messages")
     expect_400(
-        lambda: encode_prompts(parse_request(CompletionRequest, completion_body(prompt="")), prompts), "prompt"
+        lambda: encode_prompts(parse_request(CompletionRequest, completion_body(prompt="")), prompts),
+        "prompt",
     )
 
 
