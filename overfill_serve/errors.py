@@ -54,6 +54,13 @@ class ApplicationNotFoundError(InvalidRequestError):
     NOT_FOUND (Ray Serve routes every call to the only application there is, whatever it names)."""
 
 
+class ServiceNotFoundError(InvalidRequestError):
+    """A gRPC health check names a service this server does not have: gRPC NOT_FOUND."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__(f"unknown service {service!r}", field="service")
+
+
 class UnauthenticatedError(OverfillError):
     """Missing or wrong API key: HTTP 401, gRPC UNAUTHENTICATED."""
 

@@ -9,6 +9,7 @@ from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import fields
 from typing import Any, cast
+from unittest.mock import Mock
 
 import grpc
 import pytest
@@ -436,7 +437,8 @@ def test_requests_arrive_as_bytes_and_malformed_ones_are_invalid():
         api.parse_request(pb.GenerateRequest, b"\xff\xff\xff")
     added = []
     server = type("Server", (), {"add_generic_rpc_handlers": lambda self, handlers: added.extend(handlers)})()
-    add_GenerateServicer_to_server(FakeGenerateServicer(), server)
-    table = added[0]._method_handlers
+    add_GenerateServicer_to_server(Mock(), server)  # Ray Serve's proxy passes a Mock: the ingress serves
+    table, health = added[0]._method_handlers, added[1]._method_handlers
     assert {name.rsplit("/", 1)[-1] for name in table} == {"Generate", "GenerateStream", "ListModels"}
-    assert all(h.request_deserializer is None for h in table.values())
+    assert set(health) == {f"/grpc.health.v1.Health/{m}" for m in ("Check", "Watch", "List")}
+    assert all(h.request_deserializer is None for h in [*table.values(), *health.values()])

@@ -44,12 +44,13 @@ class _ModelServer:
             yield out
 
     def stats(self) -> dict:
-        """The worker's `WorkerStats` as a dict, with where this replica runs; read by the replica router
-        (`record_routing_stats`) to rank replicas."""
+        """The worker's `WorkerStats` as a dict, with its KV-transfer totals and where this replica runs; read
+        by the replica router (`record_routing_stats`) to rank replicas, and by `/metrics` (app_metrics.py)."""
         stats = self.worker.stats()
         self.metrics.observe(stats)
         return {
             **asdict(stats),
+            **self.metrics.report(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "replica_id": serve.get_replica_context().replica_id.unique_id,
         }
@@ -93,7 +94,7 @@ class PrefillServer(_ModelServer):
         transfer = config.transfer_config(ray.util.get_node_ip_address())
         self.worker = PrefillWorker(teacher_dir, transfer=transfer, **asdict(config.prefill))
         self.worker.start()
-        self.metrics = ReplicaMetrics("prefill")
+        self.metrics = ReplicaMetrics("prefill", config.pair_name)
         log.info("prefill replica ready: %s, KV server %s", teacher_dir, self.worker.address)
 
     async def submit(
@@ -131,7 +132,7 @@ class DecodeServer(_ModelServer):
             **asdict(config.decode),
         )
         self.worker.start()
-        self.metrics = ReplicaMetrics("decode")
+        self.metrics = ReplicaMetrics("decode", config.pair_name)
         self.worker.on_transfer = self.metrics.observe_transfer
         log.info("decode replica ready: %s", student_dir)
 

@@ -17,6 +17,7 @@ from overfill_serve.errors import (
     PoolUnavailableError,
     PreemptedError,
     RequestTooLargeError,
+    ServiceNotFoundError,
     ServiceUnavailableError,
     TransferError,
     UnauthenticatedError,
@@ -29,7 +30,7 @@ def status_for(exc: BaseException, *, request_id: str | None = None) -> tuple[gr
     internals in the details (log the exception yourself)."""
     exc = unwrap(exc)
     kind = ray_kind(exc)
-    if isinstance(exc, (ModelNotFoundError, ApplicationNotFoundError)):
+    if isinstance(exc, (ModelNotFoundError, ApplicationNotFoundError, ServiceNotFoundError)):
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, RequestTooLargeError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)

@@ -18,19 +18,19 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from overfill_serve import __version__
 from overfill_serve.engine.output_processor import StepOutput
 from overfill_serve.errors import ApplicationNotFoundError, RequestTooLargeError
 from overfill_serve.prompt import PromptEncoder
 from overfill_serve.request import Mode
 from overfill_serve.sampling_params import SamplingParams
-from overfill_serve.serve import grpc_errors, grpc_requests, grpc_responses
+from overfill_serve.serve import grpc_errors, grpc_health, grpc_requests, grpc_responses
 from overfill_serve.serve.admission import Admission
 from overfill_serve.serve.api_key import check_api_key
+from overfill_serve.serve.app_metrics import AppMetrics
 from overfill_serve.serve.config import ServeConfig
 from overfill_serve.serve.dispatcher import Dispatcher
 from overfill_serve.serve.log_filter import quiet_client_errors
@@ -48,10 +48,8 @@ from overfill_serve.serve.openai_responses import (
     CompletionResponder,
     make_responder,
     merge_choices,
-    model_entry,
     model_list,
 )
-from overfill_serve.serve.openai_tokenize import detokenize, tokenize
 from overfill_serve.serve.pool_monitor import PoolMonitor
 from overfill_serve.serve.served_by import ServedBy
 from overfill_serve.transfer.control import TransferControl
@@ -129,6 +127,7 @@ class Ingress:
         self.created = int(time.time())
         self.admission = Admission(config.max_inflight_requests)
         self.pools = PoolMonitor(self.app_name, config.pool_check_period_s).start()
+        self.app_metrics = AppMetrics(self.metrics, self.pools)
         # One thread reads requests: off the event loop, and one tokenizer call at a time (HF tokenizers
         # must not be configured concurrently).
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="ingress-read")
@@ -157,37 +156,6 @@ class Ingress:
             return _error_response(from_exception(e))
         return model_list(self.config.pair_name, self.created, self.teacher_name, self.student_name)
 
-    @app.get("/v1/models/{model_id:path}")
-    async def model(self, model_id: str, request: Request) -> Any:
-        try:
-            self._check_http_key(request)
-            names = self.config.pair_name, self.created, self.teacher_name, self.student_name
-            return model_entry(model_id, *names)
-        except Exception as e:
-            return _error_response(from_exception(e))
-
-    # -- vLLM's extras: the served tokenizer, the version --------------------------------------------------
-    @app.post("/tokenize")
-    async def tokenize(self, request: Request) -> Any:
-        return await self._tokenizer_call(request, tokenize)
-
-    @app.post("/detokenize")
-    async def detokenize(self, request: Request) -> Any:
-        return await self._tokenizer_call(request, detokenize)
-
-    @app.get("/version")
-    async def version(self) -> Any:
-        return {"version": __version__}
-
-    async def _tokenizer_call(self, http: Request, call: Callable[..., dict[str, Any]]) -> Any:
-        """`call(body, prompts, pair_name)` on the reader thread (where the tokenizer runs)."""
-        try:
-            self._check_http_key(http)
-            body = await _read_body(http, self.config.max_request_bytes)
-            return await self._read(call, body, self.prompts, self.config.pair_name)
-        except Exception as e:
-            return _error_response(from_exception(e))
-
     @app.get("/health")
     async def health(self) -> Any:
         """200 while both pools have a replica; 503 (with each pool's state) until then, or while one has
@@ -195,6 +163,12 @@ class Ingress:
         report = self.pools.report()
         status = 200 if report["status"] == "ok" else 503
         return JSONResponse({**report, "inflight": self.admission.inflight}, status_code=status)
+
+    @app.get("/metrics")
+    async def prometheus_metrics(self) -> Any:
+        """The whole app's series in Prometheus text format (metrics.py, app_metrics.py); no API key, like
+        /health."""
+        return Response(await self.app_metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def _openai(self, http: Request, cls: Any) -> Any:
         try:
@@ -272,6 +246,26 @@ class Ingress:
             self._grpc_error(grpc_context, e, None)
             raise
         return grpc_responses.models_to_proto(self.config.pair_name, self.teacher_name, self.student_name)
+
+    # -- grpc.health.v1.Health (grpc_health.py): no API key, like /health ---------------------------------
+    async def Check(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        try:
+            return grpc_health.check(request, self.pools.report()["status"])
+        except Exception as e:
+            self._grpc_error(grpc_context, e, None)
+            raise
+
+    async def Watch(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:  # noqa: N802
+        try:
+            service = grpc_health.parse_watch(request)
+        except Exception as e:
+            self._grpc_error(grpc_context, e, None)
+            raise
+        async for response in grpc_health.watch(service, lambda: self.pools.report()["status"]):
+            yield response
+
+    async def List(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return grpc_health.list_all(self.pools.report()["status"])
 
     def _grpc_job(self, request: Any, metadata: list[tuple[str, str]]) -> tuple[Job, Any]:
         self._check_grpc_call(metadata)

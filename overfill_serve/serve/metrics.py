@@ -1,82 +1,174 @@
-"""Prometheus metrics of the deployments (exported by Ray's metrics agent, like every Ray Serve metric).
+"""Prometheus metrics: one definition of each series (`SERIES`), exported two ways.
 
-Replicas report KV-pool occupancy, queue depth, swapped-out requests and KV-transfer volume; the ingress
-reports per-request latencies (TTFT, time per output token, end to end) and token counts, by mode and pair.
+- `GET /metrics` on the HTTP port (what Prometheus and load tools scrape, as with vLLM): the ingress's own
+  request series (TTFT, time per output token, end to end, token and request counts, by pair and mode) from
+  a `prometheus_client` registry, and each running model replica's KV, queue and transfer series, built at
+  scrape time from the stats the replica reports (`replica_families`, read by `app_metrics.py`).
+- Ray's metrics agent (`ray.init(_metrics_export_port=...)`), like every Ray Serve metric: the same names with
+  Ray's `ray_` prefix, and Ray's own deployment / replica labels.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from overfill_serve.transfer.channel import TransferStats
 from overfill_serve.worker.worker_stats import WorkerStats
 
 LATENCY_BOUNDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+REQUEST_LABELS = ("pair", "mode")
+REPLICA_LABELS = ("pair", "role")  # /metrics adds "replica"; Ray adds its own replica label
+
+
+@dataclass(frozen=True)
+class Series:
+    name: str
+    kind: str  # "counter" (exposed with `_total`), "gauge" or "histogram" (LATENCY_BOUNDS)
+    help: str
+    labels: tuple[str, ...]
+
+
+def _series(*specs: tuple[str, str, str, tuple[str, ...]]) -> dict[str, Series]:
+    return {name: Series(f"overfill_{name}", kind, text, labels) for name, kind, text, labels in specs}
+
+
+SERIES = _series(
+    ("ttft_seconds", "histogram", "time to first token", REQUEST_LABELS),
+    ("tpot_seconds", "histogram", "time per output token after the first", REQUEST_LABELS),
+    ("e2e_seconds", "histogram", "end-to-end request latency", REQUEST_LABELS),
+    ("prompt_tokens", "counter", "prompt tokens", REQUEST_LABELS),
+    ("generation_tokens", "counter", "generated tokens", REQUEST_LABELS),
+    ("requests", "counter", "finished requests", (*REQUEST_LABELS, "finish_reason")),
+    ("kv_blocks_used", "gauge", "KV blocks in use", REPLICA_LABELS),
+    ("kv_blocks_free", "gauge", "KV blocks free", REPLICA_LABELS),
+    ("kv_usage_ratio", "gauge", "fraction of the KV blocks in use (0-1)", REPLICA_LABELS),
+    ("queue_depth", "gauge", "requests waiting in the engine", REPLICA_LABELS),
+    ("running_requests", "gauge", "requests running in the engine", REPLICA_LABELS),
+    ("swapped_requests", "gauge", "preempted requests whose KV waits in host memory", REPLICA_LABELS),
+    ("kv_transfer_bytes", "counter", "KV bytes received", (*REPLICA_LABELS, "backend")),
+    ("kv_transfer_seconds", "histogram", "KV transfer time", (*REPLICA_LABELS, "backend")),
+)
+
+REQUEST_SERIES = [name for name, series in SERIES.items() if "mode" in series.labels]  # the ingress's
+REPLICA_SERIES = [name for name, series in SERIES.items() if "role" in series.labels]  # a model replica's
+
+
+def _ray_metric(series: Series, **default_tags: str) -> Any:
+    from ray.serve import metrics
+
+    metric: Any
+    if series.kind == "histogram":
+        metric = metrics.Histogram(
+            series.name, series.help, boundaries=LATENCY_BOUNDS, tag_keys=series.labels
+        )
+    else:
+        cls = metrics.Counter if series.kind == "counter" else metrics.Gauge
+        metric = cls(series.name, series.help, tag_keys=series.labels)
+    metric.set_default_tags(default_tags)
+    return metric
+
+
+def _prometheus_metric(series: Series, registry: CollectorRegistry) -> Any:
+    if series.kind == "histogram":
+        return Histogram(series.name, series.help, series.labels, registry=registry, buckets=LATENCY_BOUNDS)
+    cls = Counter if series.kind == "counter" else Gauge
+    return cls(series.name, series.help, series.labels, registry=registry)
+
+
+@dataclass
+class TransferTotals:
+    """One backend's KV transfers into a replica since it started, as a Prometheus histogram counts them."""
+
+    nbytes: int = 0
+    seconds: float = 0.0
+    counts: list[int] = field(
+        default_factory=lambda: [0] * (len(LATENCY_BOUNDS) + 1)
+    )  # per bucket, +Inf last
+
+    def add(self, stats: TransferStats) -> None:
+        self.nbytes += stats.nbytes
+        self.seconds += stats.seconds
+        self.counts[sum(1 for bound in LATENCY_BOUNDS if bound < stats.seconds)] += 1
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative (le, count) pairs."""
+        total, out = 0, []
+        for bound, count in zip([*map(str, LATENCY_BOUNDS), "+Inf"], self.counts):
+            total += count
+            out.append((bound, float(total)))
+        return out
 
 
 class ReplicaMetrics:
-    def __init__(self, role: str) -> None:
-        from ray.serve import metrics
+    """A model replica's series: exported through Ray, and reported in its stats for `/metrics`."""
 
-        tags = ("role",)
-        self.blocks_used = metrics.Gauge("overfill_kv_blocks_used", "KV blocks in use", tag_keys=tags)
-        self.blocks_free = metrics.Gauge("overfill_kv_blocks_free", "KV blocks free", tag_keys=tags)
-        self.waiting = metrics.Gauge("overfill_queue_depth", "requests waiting in the engine", tag_keys=tags)
-        self.running = metrics.Gauge(
-            "overfill_running_requests", "requests running in the engine", tag_keys=tags
-        )
-        self.swapped = metrics.Gauge(
-            "overfill_swapped_requests", "preempted requests whose KV waits in host memory", tag_keys=tags
-        )
-        self.transfer_bytes = metrics.Counter(
-            "overfill_kv_transfer_bytes", "KV bytes received", tag_keys=("role", "backend")
-        )
-        self.transfer_seconds = metrics.Histogram(
-            "overfill_kv_transfer_seconds",
-            "KV transfer time",
-            boundaries=LATENCY_BOUNDS,
-            tag_keys=("role", "backend"),
-        )
-        for metric in vars(self).values():
-            metric.set_default_tags({"role": role})
+    def __init__(self, role: str, pair_name: str) -> None:
+        self.ray = {name: _ray_metric(SERIES[name], role=role, pair=pair_name) for name in REPLICA_SERIES}
+        self.transfers: dict[str, TransferTotals] = {}
 
     def observe(self, stats: WorkerStats) -> None:
-        self.blocks_used.set(stats.total_blocks - stats.free_blocks)
-        self.blocks_free.set(stats.free_blocks)
-        self.waiting.set(stats.waiting)
-        self.running.set(stats.running)
-        self.swapped.set(stats.swapped)
+        for name, value in _replica_gauges(stats).items():
+            self.ray[name].set(value)
 
     def observe_transfer(self, stats: TransferStats) -> None:
         tags = {"backend": stats.backend}
-        self.transfer_bytes.inc(stats.nbytes, tags)
-        self.transfer_seconds.observe(stats.seconds, tags)
+        self.ray["kv_transfer_bytes"].inc(stats.nbytes, tags)
+        self.ray["kv_transfer_seconds"].observe(stats.seconds, tags)
+        self.transfers.setdefault(stats.backend, TransferTotals()).add(stats)
+
+    def report(self) -> dict[str, Any]:
+        """What the replica's stats carry for `/metrics` (read with `TransferTotals(**...)`)."""
+        return {"kv_transfers": {backend: asdict(t) for backend, t in list(self.transfers.items())}}
+
+
+def _replica_gauges(stats: WorkerStats) -> dict[str, float]:
+    return {
+        "kv_blocks_used": stats.total_blocks - stats.free_blocks,
+        "kv_blocks_free": stats.free_blocks,
+        "kv_usage_ratio": stats.kv_utilization,
+        "queue_depth": stats.waiting,
+        "running_requests": stats.running,
+        "swapped_requests": stats.swapped,
+    }
+
+
+def replica_families(pair_name: str, replicas: Sequence[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
+    """The replica series of `/metrics`, from each running replica's (role, reported stats)."""
+    labels = [*REPLICA_LABELS, "replica"]
+    gauges = {
+        name: GaugeMetricFamily(SERIES[name].name, SERIES[name].help, labels=labels)
+        for name in REPLICA_SERIES
+        if SERIES[name].kind == "gauge"
+    }
+    nbytes, seconds = SERIES["kv_transfer_bytes"], SERIES["kv_transfer_seconds"]
+    bytes_family = CounterMetricFamily(nbytes.name, nbytes.help, labels=[*labels, "backend"])
+    seconds_family = HistogramMetricFamily(seconds.name, seconds.help, labels=[*labels, "backend"])
+    for role, report in replicas:
+        values = [pair_name, role, str(report.get("replica_id", ""))]
+        for name, value in _replica_gauges(WorkerStats.from_dict(report)).items():
+            gauges[name].add_metric(values, value)
+        for backend, data in (report.get("kv_transfers") or {}).items():
+            totals = TransferTotals(**data)
+            bytes_family.add_metric([*values, backend], totals.nbytes)
+            seconds_family.add_metric([*values, backend], totals.buckets(), totals.seconds)
+    yield from gauges.values()
+    yield bytes_family
+    yield seconds_family
 
 
 class RequestMetrics:
-    def __init__(self, pair_name: str) -> None:
-        from ray.serve import metrics
+    """The ingress's request series: exported through Ray, and kept in `registry` for `/metrics`."""
 
-        tags = ("pair", "mode")
-        self.ttft = metrics.Histogram(
-            "overfill_ttft_seconds", "time to first token", boundaries=LATENCY_BOUNDS, tag_keys=tags
-        )
-        self.tpot = metrics.Histogram(
-            "overfill_tpot_seconds",
-            "time per output token after the first",
-            boundaries=LATENCY_BOUNDS,
-            tag_keys=tags,
-        )
-        self.e2e = metrics.Histogram(
-            "overfill_e2e_seconds", "end-to-end request latency", boundaries=LATENCY_BOUNDS, tag_keys=tags
-        )
-        self.prompt_tokens = metrics.Counter("overfill_prompt_tokens", "prompt tokens", tag_keys=tags)
-        self.generation_tokens = metrics.Counter(
-            "overfill_generation_tokens", "generated tokens", tag_keys=tags
-        )
-        self.requests = metrics.Counter(
-            "overfill_requests", "finished requests", tag_keys=(*tags, "finish_reason")
-        )
-        for metric in vars(self).values():
-            metric.set_default_tags({"pair": pair_name})
+    def __init__(self, pair_name: str) -> None:
+        self.pair_name = pair_name
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.ray = {name: _ray_metric(SERIES[name], pair=pair_name) for name in REQUEST_SERIES}
+        self.local = {name: _prometheus_metric(SERIES[name], self.registry) for name in REQUEST_SERIES}
 
     def observe(
         self,
@@ -87,15 +179,23 @@ class RequestMetrics:
         e2e: float,
         finish_reason: str,
     ) -> None:
-        tags = {"mode": mode}
         if ttft is not None:
-            self.ttft.observe(ttft, tags)
+            self._add("ttft_seconds", ttft, mode)
             if output_tokens > 1:
-                self.tpot.observe((e2e - ttft) / (output_tokens - 1), tags)
-        self.e2e.observe(e2e, tags)
-        # Ray's counters refuse inc(0): a request that failed before its first token must still count.
-        if prompt_tokens:
-            self.prompt_tokens.inc(prompt_tokens, tags)
-        if output_tokens:
-            self.generation_tokens.inc(output_tokens, tags)
-        self.requests.inc(1, {**tags, "finish_reason": finish_reason})
+                self._add("tpot_seconds", (e2e - ttft) / (output_tokens - 1), mode)
+        self._add("e2e_seconds", e2e, mode)
+        self._add("prompt_tokens", prompt_tokens, mode)
+        self._add("generation_tokens", output_tokens, mode)
+        self._add("requests", 1, mode, finish_reason=finish_reason)
+
+    def _add(self, name: str, value: float, mode: str, **extra: str) -> None:
+        """One observation, in both exports."""
+        series, tags = SERIES[name], {"mode": mode, **extra}
+        local = self.local[name].labels(pair=self.pair_name, **tags)
+        if series.kind == "histogram":
+            self.ray[name].observe(value, tags)
+            local.observe(value)
+            return
+        local.inc(value)  # a zero still creates the series: a request that failed early counts its mode
+        if value:  # Ray's counters refuse inc(0)
+            self.ray[name].inc(value, tags)
