@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException
 
+from overfill_serve import __version__
 from overfill_serve.engine.output_processor import StepOutput
 from overfill_serve.errors import ApplicationNotFoundError, RequestTooLargeError
 from overfill_serve.prompt import PromptEncoder
@@ -48,8 +49,10 @@ from overfill_serve.serve.openai_responses import (
     CompletionResponder,
     make_responder,
     merge_choices,
+    model_entry,
     model_list,
 )
+from overfill_serve.serve.openai_tokenize import detokenize, tokenize
 from overfill_serve.serve.pool_monitor import PoolMonitor
 from overfill_serve.serve.served_by import ServedBy
 from overfill_serve.transfer.control import TransferControl
@@ -155,6 +158,37 @@ class Ingress:
         except Exception as e:
             return _error_response(from_exception(e))
         return model_list(self.config.pair_name, self.created, self.teacher_name, self.student_name)
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str, request: Request) -> Any:
+        try:
+            self._check_http_key(request)
+            names = self.config.pair_name, self.created, self.teacher_name, self.student_name
+            return model_entry(model_id, *names)
+        except Exception as e:
+            return _error_response(from_exception(e))
+
+    # -- vLLM's extras: the served tokenizer, the version --------------------------------------------------
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request) -> Any:
+        return await self._tokenizer_call(request, tokenize)
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request) -> Any:
+        return await self._tokenizer_call(request, detokenize)
+
+    @app.get("/version")
+    async def version(self) -> Any:
+        return {"version": __version__}
+
+    async def _tokenizer_call(self, http: Request, call: Callable[..., dict[str, Any]]) -> Any:
+        """`call(body, prompts, pair_name)` on the reader thread (where the tokenizer runs)."""
+        try:
+            self._check_http_key(http)
+            body = await _read_body(http, self.config.max_request_bytes)
+            return await self._read(call, body, self.prompts, self.config.pair_name)
+        except Exception as e:
+            return _error_response(from_exception(e))
 
     @app.get("/health")
     async def health(self) -> Any:
