@@ -152,6 +152,8 @@ def test_every_field_round_trips():
         include_stop_str_in_output=True,
         logprobs=5,
         skip_special_tokens=False,
+        min_tokens=4,
+        logit_bias={5: -100.0, 9: 2.5},
     )
     assert all(getattr(params, f.name) != f.default for f in fields(SamplingParams))
     # What the Python client sends for them is read back as the same params.

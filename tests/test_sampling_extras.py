@@ -151,3 +151,22 @@ def test_min_tokens_through_the_pair_matches_a_masked_reference(pair_and_llm) ->
         PROMPT, SamplingParams(max_tokens=8, temperature=0, stop_token_ids=(stop,), min_tokens=5)
     )
     assert out.token_ids == expected and len(out.token_ids) >= 5
+
+
+def test_grpc_options_carry_min_tokens_and_logit_bias_with_the_same_checks() -> None:
+    from overfill_serve.serve import grpc_requests
+    from overfill_serve.serve.grpc_requests import pb
+
+    options = pb.SamplingOptions(min_tokens=3, max_tokens=8, logit_bias={7: 5.0, 2: -100.0})
+    params = grpc_requests.params_from_proto(options)
+    assert (params.min_tokens, params.logit_bias) == (3, ((2, -100.0), (7, 5.0)))
+    assert grpc_requests.params_from_proto(pb.SamplingOptions()).min_tokens == 0
+    for bad, field in [
+        (pb.SamplingOptions(min_tokens=20), "min_tokens"),
+        (pb.SamplingOptions(logit_bias={1: 101.0}), "logit_bias"),
+        (pb.SamplingOptions(logit_bias={-1: 1.0}), "logit_bias"),
+        (pb.SamplingOptions(stop_token_ids=[-1]), "stop_token_ids"),
+    ]:
+        with pytest.raises(InvalidRequestError) as e:
+            grpc_requests.params_from_proto(bad)
+        assert e.value.field == field

@@ -23,7 +23,7 @@ MODE_TO_PROTO = {Mode.OVERFILL: pb.MODE_OVERFILL, Mode.FULL: pb.MODE_FULL, Mode.
 MODE_FROM_PROTO = {v: k for k, v in MODE_TO_PROTO.items()}
 
 # SamplingOptions fields with proto3 presence: absent means SamplingParams' default.
-_OPTIONAL_INTS = ("max_tokens", "top_k", "seed", "logprobs")
+_OPTIONAL_INTS = ("max_tokens", "top_k", "seed", "logprobs", "min_tokens")
 MAX_REQUEST_ID_LEN = 256
 M = TypeVar("M", bound=Message)
 
@@ -91,12 +91,11 @@ def params_from_proto(options: pb.SamplingOptions | None) -> SamplingParams:
             kwargs[name] = float(getattr(options, name))
     if options.HasField("skip_special_tokens"):
         kwargs["skip_special_tokens"] = options.skip_special_tokens
-    if any(t < 0 for t in options.stop_token_ids):
-        raise InvalidRequestError("stop_token_ids must be >= 0", field="stop_token_ids")
     return SamplingParams(
         stop=tuple(options.stop),
         stop_token_ids=tuple(options.stop_token_ids),
         ignore_eos=options.ignore_eos,
         include_stop_str_in_output=options.include_stop_str_in_output,
+        logit_bias=tuple(options.logit_bias.items()),
         **kwargs,
     )

@@ -283,6 +283,8 @@ def make_request(
             continue
         if name in ("stop", "stop_token_ids"):
             getattr(request.sampling, name).extend([value] if isinstance(value, (str, int)) else value)
+        elif name == "logit_bias":  # a mapping, or SamplingParams' (id, bias) pairs
+            request.sampling.logit_bias.update(dict(value))
         else:
             setattr(request.sampling, name, value)
     return request
