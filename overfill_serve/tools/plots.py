@@ -5,7 +5,7 @@ it is installed and `MISSING` is the message to print when it is not. The functi
 benchmark objects, so any script can use them:
 
 - `latency_plot`: one panel per metric (TTFT, TPOT, e2e, ...), one empirical CDF per series (a mode, or a
-  mode at one load level), p50 and p99 in the legend.
+  mode at one load level), p50 and p99 marked on each.
 - `throughput_plot`: one line per series, y against x (output tokens/s against concurrency or request rate).
 - `grouped_bars`: one group per category, one bar per series (scores per task and mode).
 
@@ -63,23 +63,33 @@ def latency_plot(
 ) -> Path:
     """Empirical CDFs: `metrics` maps a panel's name ("TTFT (s)") to {series label: values}.
 
-    Non-finite values are dropped; a series with none left is listed as "no data" in its panel's legend."""
+    A series keeps its colour in every panel; its p50 is marked with a dot and its p99 with a cross; one
+    legend below the panels. Non-finite values are dropped; a series with none left is drawn as nothing."""
     names = list(metrics) or ["(no metrics)"]
-    fig, axes = _figure(len(names))
+    series = list(dict.fromkeys(label for panel in metrics.values() for label in panel))
+    colors = {label: f"C{i % 10}" for i, label in enumerate(series)}
+    fig, axes = _figure(len(names), height=3.4 + 0.22 * ((len(series) + 3) // 4))
     for ax, name in zip(axes, names):
         for label, values in metrics.get(name, {}).items():
             xs = sorted(v for v in values if math.isfinite(v))
             if not xs:
-                ax.plot([], [], label=f"{label}: no data")
                 continue
             ys = [(i + 1) / len(xs) for i in range(len(xs))]
-            p50, p99 = _quantile(xs, 0.5), _quantile(xs, 0.99)
-            ax.step(xs, ys, where="post", label=f"{label}: p50 {p50:.3g}, p99 {p99:.3g} (n={len(xs)})")
+            ax.step(xs, ys, where="post", color=colors[label])
+            ax.plot([_quantile(xs, 0.5)], [0.5], "o", color=colors[label])
+            ax.plot([_quantile(xs, 0.99)], [0.99], "x", color=colors[label])
         ax.set_xlabel(name)
         ax.set_ylabel("fraction of requests")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small", loc="best")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colors[label], label=label) for label in series]
+    handles += [
+        Line2D([], [], marker="o", linestyle="", color="gray", label="p50"),
+        Line2D([], [], marker="x", linestyle="", color="gray", label="p99"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize="small")
     return _save(fig, path, title)
 
 
