@@ -103,15 +103,13 @@ def prune_model(
         raise ModelConfigError(f"dtype={dtype!r} is not supported (use one of {sorted(_DTYPES)})")
     step = progress or _no_progress
 
-    hidden_idx, neuron_idx, n_tokens = None, {}, 0
+    hidden_idx: torch.Tensor | None = None
+    neuron_idx: dict[int, torch.Tensor] = {}
+    n_tokens = 0
     if h_new < spec.hidden_size or i_new < spec.intermediate_size:
-        if max_calibration_tokens <= 0:
-            raise ModelConfigError(f"max_calibration_tokens={max_calibration_tokens} must be > 0")
-        hidden_imp, neuron_imp, n_tokens = _importance(
-            src, kept, calibration_texts, max_calibration_tokens, step
+        hidden_idx, neuron_idx, n_tokens = _kept_channels(
+            src, kept, (h_new, i_new), calibration_texts, max_calibration_tokens, step
         )
-        hidden_idx = _top_k(hidden_imp, h_new)
-        neuron_idx = {layer: _top_k(imp, i_new) for layer, imp in neuron_imp.items()}
     teacher = _read_tensors(src, step)
     student = _slice_tensors(teacher, kept, hidden_idx, neuron_idx, _DTYPES.get(dtype or ""))
 
@@ -135,6 +133,23 @@ def prune_model(
         student_parameters=sum(t.numel() for t in student.values()),
         calibration_tokens=n_tokens,
     )
+
+
+def _kept_channels(
+    src: Path,
+    kept: tuple[int, ...],
+    sizes: tuple[int, int],
+    texts: list[str] | None,
+    budget: int,
+    progress: ProgressFn,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor], int]:
+    """The `sizes` = (hidden, intermediate) most important hidden channels and MLP neurons of each kept layer
+    (indices in teacher order), and the calibration tokens that ranked them."""
+    if budget <= 0:
+        raise ModelConfigError(f"max_calibration_tokens={budget} must be > 0")
+    hidden_imp, neuron_imp, n_tokens = _importance(src, kept, texts, budget, progress)
+    neuron_idx = {layer: _top_k(imp, sizes[1]) for layer, imp in neuron_imp.items()}
+    return _top_k(hidden_imp, sizes[0]), neuron_idx, n_tokens
 
 
 def _write_student(src: Path, out: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
