@@ -140,3 +140,52 @@ def test_reflection_v1_lists_and_describes_on_a_plain_server():
 
     names, package = asyncio.run(run())
     assert names == [SERVICE_NAME, "overfill.v1.Generate"] and package == "grpc.reflection.v1"
+
+
+def test_on_ray_serves_proxy_server_reflection_v1_and_v1alpha_list_the_same_services():
+    """Ray Serve's gRPC proxy server class, as its proxy builds it: Ray's API, our servicer function, then
+    Ray's v1alpha reflection. v1 answers on the proxy (a passthrough service) and lists what v1alpha does."""
+    from unittest.mock import Mock
+
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2 as alpha
+    from ray.serve._private.grpc_util import enable_server_reflection, gRPCGenericServer
+    from ray.serve.generated.serve_pb2_grpc import add_RayServeAPIServiceServicer_to_server
+
+    from overfill_serve.serve.grpc_service import add_GenerateServicer_to_server
+
+    def routed_to_replicas(service_method: str, streaming_type: object):
+        async def handler(request: object, context: object) -> bytes:
+            return b""
+
+        return handler
+
+    async def run() -> dict[str, list[str]]:
+        server = gRPCGenericServer(routed_to_replicas)
+        port = server.add_insecure_port("127.0.0.1:0")
+        for add in (add_RayServeAPIServiceServicer_to_server, add_GenerateServicer_to_server):
+            add(Mock(), server)
+        enable_server_reflection(server)
+        await server.start()
+        listed = {}
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                for version in ("v1", "v1alpha"):
+                    call = channel.stream_stream(
+                        f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+                        request_serializer=alpha.ServerReflectionRequest.SerializeToString,
+                        response_deserializer=alpha.ServerReflectionResponse.FromString,
+                    )
+                    [answer] = [
+                        a async for a in call(iter([alpha.ServerReflectionRequest(list_services="")]))
+                    ]
+                    listed[version] = [s.name for s in answer.list_services_response.service]
+        finally:
+            await server.stop(None)
+        return listed
+
+    listed = asyncio.run(run())
+    assert set(listed["v1"]) == set(listed["v1alpha"]) == {
+        "overfill.v1.Generate", "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection",
+    }  # fmt: skip
