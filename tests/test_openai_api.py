@@ -160,42 +160,6 @@ def test_completion_echo(tok):
     assert Completion.model_validate(r.response()).choices[0].text == "Say: hi"
 
 
-def test_a_batch_of_prompts_answers_each_with_its_choices_and_sums_usage(tok):
-    req = parse_request(CompletionRequest, completion_body(prompt=[[7, 8], [5, 6]], n=2, echo=True))
-    r = make_responder(req, SERVED, tok, prompt_tokens=2 + 2)
-    steps = {i: steps_for(tok, f" reply {i}") for i in range(4)}
-    for i in (3, 0, 2, 1):  # any arrival order
-        for s in steps[i]:
-            r.add(i, s)
-    body = Completion.model_validate(r.response())
-    assert [c.index for c in body.choices] == [0, 1, 2, 3]
-    echoed = [tok.decode([7, 8])] * 2 + [tok.decode([5, 6])] * 2
-    assert [c.text for c in body.choices] == [f"{e} reply {i}" for i, e in enumerate(echoed)]
-    assert body.usage is not None and body.usage.prompt_tokens == 4
-    assert body.usage.completion_tokens == sum(len(s) for s in steps.values())
-    assert (
-        body.usage.prompt_tokens_details is not None and body.usage.prompt_tokens_details.cached_tokens == 0
-    )
-
-
-@pytest.mark.parametrize("include_usage", [True, False])
-def test_continuous_usage_stats_put_usage_on_every_chunk(tok, include_usage):
-    options = {"include_usage": include_usage, "continuous_usage_stats": True}
-    req = parse_request(ChatCompletionRequest, chat_body(stream=True, stream_options=options))
-    r = make_responder(req, SERVED, tok, prompt_tokens=6)
-    chunks = r.start()
-    steps = steps_for(tok, "one two three")
-    for s in steps:
-        chunks += r.add(0, s)
-    chunks += r.finish()
-    parsed = [ChatCompletionChunk.model_validate(ch) for ch in chunks]
-    assert all(p.usage is not None and p.usage.prompt_tokens == 6 for p in parsed)
-    counts = [p.usage.completion_tokens for p in parsed if p.usage is not None]
-    assert counts[0] == 0 and counts == sorted(counts) and counts[-1] == len(steps)
-    assert (parsed[-1].choices == []) == include_usage  # the final usage chunk only with include_usage
-    assert all(p.usage.total_tokens == 6 + p.usage.completion_tokens for p in parsed if p.usage)
-
-
 def test_chat_response_with_logprobs_reports_exact_bytes(tok):
     req = parse_request(ChatCompletionRequest, chat_body(logprobs=True, top_logprobs=3))
     r = make_responder(req, SERVED, tok, prompt_tokens=6)

@@ -1,19 +1,23 @@
-"""vLLM's /tokenize and /detokenize bodies: the served tokenizer through the PromptEncoder every API uses,
-with 400s naming the field and 404 for a model not served; and GET /v1/models/{id}."""
+"""vLLM's extras at the protocol level: /tokenize and /detokenize bodies (the served tokenizer through the
+PromptEncoder every API uses, with 400s naming the field and 404 for a model not served), GET /v1/models/{id},
+the responses to a batch of prompts and usage on every streamed chunk (continuous_usage_stats)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from openai.types import Model
-from test_openai_protocol import PAIR
+from openai.types import Completion, Model
+from openai.types.chat import ChatCompletionChunk
+from test_openai_api import SERVED, steps_for
+from test_openai_protocol import PAIR, chat_body, completion_body
 
 from overfill_serve.errors import ModelNotFoundError
 from overfill_serve.model.random_model import make_tokenizer
 from overfill_serve.prompt import PromptEncoder
 from overfill_serve.serve.openai_errors import ApiError, from_exception
-from overfill_serve.serve.openai_responses import model_entry
+from overfill_serve.serve.openai_requests import ChatCompletionRequest, CompletionRequest, parse_request
+from overfill_serve.serve.openai_responses import make_responder, model_entry
 from overfill_serve.serve.openai_tokenize import detokenize, tokenize
 
 
@@ -81,3 +85,44 @@ def test_one_model_by_id():
     with pytest.raises(ModelNotFoundError):
         model_entry("gpt-4", PAIR, 0, "teacher", "student")
     assert from_exception(ModelNotFoundError("gpt-4", [PAIR])).code == "model_not_found"
+
+
+@pytest.fixture(scope="module")
+def tok(encoder):
+    return encoder.tokenizer
+
+
+def test_a_batch_of_prompts_answers_each_with_its_choices_and_sums_usage(tok):
+    req = parse_request(CompletionRequest, completion_body(prompt=[[7, 8], [5, 6]], n=2, echo=True))
+    r = make_responder(req, SERVED, tok, prompt_tokens=2 + 2)
+    steps = {i: steps_for(tok, f" reply {i}") for i in range(4)}
+    for i in (3, 0, 2, 1):  # any arrival order
+        for s in steps[i]:
+            r.add(i, s)
+    body = Completion.model_validate(r.response())
+    assert [c.index for c in body.choices] == [0, 1, 2, 3]
+    echoed = [tok.decode([7, 8])] * 2 + [tok.decode([5, 6])] * 2
+    assert [c.text for c in body.choices] == [f"{e} reply {i}" for i, e in enumerate(echoed)]
+    assert body.usage is not None and body.usage.prompt_tokens == 4
+    assert body.usage.completion_tokens == sum(len(s) for s in steps.values())
+    assert (
+        body.usage.prompt_tokens_details is not None and body.usage.prompt_tokens_details.cached_tokens == 0
+    )
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_continuous_usage_stats_put_usage_on_every_chunk(tok, include_usage):
+    options = {"include_usage": include_usage, "continuous_usage_stats": True}
+    req = parse_request(ChatCompletionRequest, chat_body(stream=True, stream_options=options))
+    r = make_responder(req, SERVED, tok, prompt_tokens=6)
+    chunks = r.start()
+    steps = steps_for(tok, "one two three")
+    for s in steps:
+        chunks += r.add(0, s)
+    chunks += r.finish()
+    parsed = [ChatCompletionChunk.model_validate(ch) for ch in chunks]
+    assert all(p.usage is not None and p.usage.prompt_tokens == 6 for p in parsed)
+    counts = [p.usage.completion_tokens for p in parsed if p.usage is not None]
+    assert counts[0] == 0 and counts == sorted(counts) and counts[-1] == len(steps)
+    assert (parsed[-1].choices == []) == include_usage  # the final usage chunk only with include_usage
+    assert all(p.usage.total_tokens == 6 + p.usage.completion_tokens for p in parsed if p.usage)
