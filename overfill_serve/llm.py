@@ -99,6 +99,7 @@ class LLM:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("sampling params must be a SamplingParams", field="sampling_params")
+        self.prompts.check_params(params)  # its token ids must be in the vocabulary, as over HTTP and gRPC
         request = Request(request_id or f"req-{next(self._ids)}", self.prompts.encode(prompt), params, mode)
         if request.request_id in self._requests:
             raise InvalidRequestError(

@@ -124,6 +124,18 @@ def pair_and_llm(width_pair):
 PROMPT = list(range(40, 60))
 
 
+def test_the_offline_llm_checks_token_ids_against_the_vocabulary(pair_and_llm) -> None:
+    _, llm, _, _ = pair_and_llm
+    vocab = llm.prompts.vocab_size
+    for params, field in [
+        (SamplingParams(logit_bias={vocab: 1.0}), "logit_bias"),
+        (SamplingParams(stop_token_ids=(vocab + 5,)), "stop_token_ids"),
+    ]:
+        with pytest.raises(InvalidRequestError) as e:
+            llm.generate(PROMPT, params)
+        assert e.value.field == field
+
+
 def test_logit_bias_through_the_pair_matches_a_hand_biased_reference(pair_and_llm) -> None:
     _, llm, teacher, student = pair_and_llm
     plain, _ = overfill_greedy(teacher, student, PROMPT, 8)
