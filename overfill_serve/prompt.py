@@ -64,7 +64,10 @@ class PromptEncoder:
         return self.check(self.render_chat(messages), "messages")
 
     def render_chat(
-        self, messages: Sequence[Message], add_generation_prompt: bool = True, add_special_tokens: bool = False
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        add_special_tokens: bool = False,
     ) -> list[int]:
         """The chat template's token ids for `messages` (roles checked), not yet checked as a prompt. The
         template spells the special tokens it wants: the tokenizer adds none unless asked."""
