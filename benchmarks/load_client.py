@@ -9,6 +9,7 @@ import json
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,7 +177,10 @@ async def run_load(
     seed: int,
     timeout: float,
     max_duration: float,
+    on_done: Callable[[Outcome], None] | None = None,
 ) -> tuple[list[Outcome], float]:
+    """Send `reqs` to `model`: Poisson arrivals at `rate` (at most `concurrency` in flight) or `concurrency`
+    closed-loop clients; each outcome is handed to `on_done` as it completes (a progress bar)."""
     async with new_session() as session:
         sem = asyncio.Semaphore(concurrency) if concurrency else None
         outcomes: list[Outcome | None] = [None] * len(reqs)
@@ -187,10 +191,13 @@ async def run_load(
             if delay > 0:
                 await asyncio.sleep(delay)
             if sem is None:
-                outcomes[i] = await stream_completion(session, url, model, reqs[i], timeout)
-                return
-            async with sem:
-                outcomes[i] = await stream_completion(session, url, model, reqs[i], timeout)
+                o = await stream_completion(session, url, model, reqs[i], timeout)
+            else:
+                async with sem:
+                    o = await stream_completion(session, url, model, reqs[i], timeout)
+            outcomes[i] = o
+            if on_done is not None:
+                on_done(o)
 
         if rate:
             rng, at, times = random.Random(seed + 7), 0.0, []
