@@ -128,3 +128,11 @@ def test_health_is_ready_only_with_both_pools():
     pools["decode"] = PoolStatus("decode", "DecodeServer", 1, 1)
     monitor.refresh()
     assert monitor.report()["status"] == "ok"
+
+
+def test_replica_metrics_take_a_transfer_of_no_bytes():
+    """A request that ended on its first token pulls no KV (0 bytes): Ray refuses Counter.inc(0)."""
+    from overfill_serve.serve.metrics import ReplicaMetrics
+    from overfill_serve.transfer.channel import TransferStats
+
+    ReplicaMetrics("decode", "pair").observe_transfer(TransferStats("t", "grpc", 0, 0.01, 0.0))

@@ -120,3 +120,21 @@ def test_finished_claim_checked_by_the_decode_side(pairs, monkeypatch):
     finally:
         decode.stop()
         prefill.stop()
+
+
+def test_a_failing_transfer_hook_leaks_no_blocks(pairs, reference):
+    """The per-transfer metrics hook raising (a bug) fails the request loudly but frees its blocks."""
+    params, _ = reference
+    prefill, decode = _workers(pairs, "grpc", layerwise=False)
+
+    def broken(stats):
+        raise ValueError("metrics bug")
+
+    decode.on_transfer = broken
+    try:
+        with pytest.raises(ValueError, match="metrics bug"):
+            list(decode.generate_from(prefill.submit(PROMPT, SamplingParams(max_tokens=4, temperature=0))))
+        _all_returned(prefill, decode)
+    finally:
+        decode.stop()
+        prefill.stop()

@@ -117,7 +117,8 @@ class ReplicaMetrics:
 
     def observe_transfer(self, stats: TransferStats) -> None:
         tags = {"backend": stats.backend}
-        self.ray["kv_transfer_bytes"].inc(stats.nbytes, tags)
+        if stats.nbytes:  # none when the request ended on its first token; Ray refuses inc(0)
+            self.ray["kv_transfer_bytes"].inc(stats.nbytes, tags)
         self.ray["kv_transfer_seconds"].observe(stats.seconds, tags)
         self.transfers.setdefault(stats.backend, TransferTotals()).add(stats)
 

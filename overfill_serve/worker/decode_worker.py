@@ -126,11 +126,11 @@ class DecodeWorker(ModelWorker):
             )
             if completion.finished:
                 self._check_finished(ticket, completion)
+            if self.on_transfer is not None:
+                self.on_transfer(self.last_transfer)
         except BaseException:
             self.core.pool.free(blocks)
             raise
-        if self.on_transfer is not None:
-            self.on_transfer(self.last_transfer)
         if completion.finished:
             self.core.pool.free(blocks)
             blocks = []
