@@ -329,6 +329,11 @@ BATCH_KINDS = {
     "greedy+penalties": [SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.4)],
     "sampled": [SamplingParams(temperature=0.8), SamplingParams(top_p=0.7, top_k=20)],
     "seeded": [SamplingParams(seed=1, top_p=0.9), SamplingParams(seed=2, min_p=0.1)],
+    "biased": [  # logit_bias, and min_tokens masking the stop token ids, next to plain rows
+        SamplingParams(temperature=0.0, logit_bias={3: 5.0, 7: -100.0}),
+        SamplingParams(seed=5, max_tokens=64, min_tokens=40, stop_token_ids=(9, 11), logit_bias={2: 1.5}),
+        SamplingParams(temperature=0.0),
+    ],
     "mixed": [
         SamplingParams(temperature=0.0),
         SamplingParams(temperature=0.0, presence_penalty=0.5, logprobs=0),
