@@ -26,11 +26,15 @@ APP = "observe"
 PROMPT = list(range(20, 36))
 
 
+def _headers(response: http.client.HTTPResponse) -> dict[str, str]:
+    return {name.lower(): value for name, value in response.getheaders()}
+
+
 def _get(path: str, timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", HTTP_PORT, timeout=timeout)
     conn.request("GET", path)
     response = conn.getresponse()
-    return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    return response.status, _headers(response), response.read()
 
 
 def _complete(model: str, timeout: float = 60) -> tuple[int, dict[str, str], dict, float]:
@@ -40,7 +44,7 @@ def _complete(model: str, timeout: float = 60) -> tuple[int, dict[str, str], dic
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     response = conn.getresponse()
     data = json.loads(response.read())
-    return response.status, {k.lower(): v for k, v in response.getheaders()}, data, time.perf_counter() - start
+    return response.status, _headers(response), data, time.perf_counter() - start
 
 
 def _health() -> dict:

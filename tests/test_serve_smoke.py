@@ -29,7 +29,7 @@ def _wait_ready(proc: subprocess.Popen, timeout: float = 240) -> None:
         assert proc.poll() is None, "serve run exited early"
         try:
             conn = http.client.HTTPConnection("127.0.0.1", 8000, timeout=5)
-            conn.request("GET", "/v1/models")
+            conn.request("GET", "/health")  # 200 once both pools run a replica; before, requests get 503
             if conn.getresponse().status == 200:
                 return
         except OSError:
