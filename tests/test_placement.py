@@ -136,3 +136,23 @@ def test_pool_report_for_health_leaves_out_actor_names():
     assert monitor.report()["pools"]["decode"] == {
         "role": "decode", "deployment": "DecodeServer", "running": 1, "target": 1, "problem": None,
     }  # fmt: skip
+
+
+def test_a_request_finding_no_replica_rereads_the_pools_at_most_once_per_interval():
+    reads = []
+    states = iter([0, 0, 1])  # decode replicas running at each read
+
+    def read(app: str) -> dict[str, PoolStatus]:
+        reads.append(app)
+        return {"decode": PoolStatus("decode", "DecodeServer", next(states), 1)}
+
+    monitor = PoolMonitor("app", period_s=60, read=read)
+    monitor.refresh()
+    with pytest.raises(PoolStartingError):
+        monitor.check(Mode.PRUNED)  # re-read: still none
+    with pytest.raises(PoolStartingError):
+        monitor.check(Mode.PRUNED)  # within the interval: no re-read
+    assert len(reads) == 2
+    monitor._rechecked_at -= 1.0  # the interval has passed
+    monitor.check(Mode.PRUNED)  # re-read: the replica is up, the request goes through
+    assert len(reads) == 3 and monitor.pools["decode"].running == 1

@@ -7,13 +7,15 @@ keep working (`:full` needs only prefill replicas, `:pruned` only decode replica
 replica yet (start-up, or its replicas being replaced) refuses the same way at once, with a short Retry-After,
 instead of letting requests wait in Serve's router; a pool scaling from N to N+1, or scaled to zero (Serve
 starts one for a waiting request), takes requests. The first read happens as the monitor starts, and while
-a pool has no replica the monitor re-reads every `FAST_PERIOD_S`, so a replica coming up is noticed at once.
+a pool has no replica the monitor re-reads every `FAST_PERIOD_S`; a request that finds a pool without a
+replica re-reads it first (rate-limited), so one that came up since is used at once.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 DEPLOYMENTS = {"prefill": "PrefillServer", "decode": "DecodeServer"}
 READ_TIMEOUT_S = 10.0  # a busy controller must not stall the monitor forever
 FAST_PERIOD_S = 0.5  # re-read period while a pool has no running replica
+RECHECK_S = 0.25  # at most one re-read this often for requests that find a pool without a replica
 POOL_OF_MODEL = {"teacher": "prefill", "student": "decode"}  # where each model is served
 
 
@@ -95,6 +98,7 @@ class PoolMonitor:
         self.app_name, self.period_s, self._read = app_name, period_s, read
         self.pools: dict[str, PoolStatus] = {}  # replaced whole by the monitor thread, read by the ingress
         self._stop = threading.Event()
+        self._recheck_lock, self._rechecked_at = threading.Lock(), float("-inf")
         self._thread = threading.Thread(target=self._run, name="pool-monitor", daemon=True)
 
     def start(self) -> PoolMonitor:
@@ -122,7 +126,26 @@ class PoolMonitor:
         self.pools = pools
 
     def check(self, mode: Mode) -> None:
-        """Raise `PoolUnavailableError` / `PoolStartingError` if a pool this mode needs cannot serve now."""
+        """Raise `PoolUnavailableError` / `PoolStartingError` if a pool this mode needs cannot serve now. A
+        pool seen without a replica is re-read first (at most once per `RECHECK_S` for all requests): a
+        replica that came up since the last read serves the request instead of it being refused."""
+        try:
+            self._check(mode)
+        except PoolStartingError:
+            if not self._recheck_due():
+                raise
+            self.refresh()
+            self._check(mode)
+
+    def _recheck_due(self) -> bool:
+        with self._recheck_lock:
+            now = time.monotonic()
+            if now - self._rechecked_at < RECHECK_S:
+                return False
+            self._rechecked_at = now
+            return True
+
+    def _check(self, mode: Mode) -> None:
         pools = self.pools
         for role in dict.fromkeys(POOL_OF_MODEL[m] for m in mode.models):
             status = pools.get(role)
