@@ -90,8 +90,8 @@ def decode_down(cluster, pairs):
 
 @pytest.fixture(scope="module")
 def served(decode_down, cluster, pairs):
-    """The whole app, redeployed over the broken one."""
-    run_app(pair_args(pairs["width"], APP), APP, cluster)
+    """The whole app, redeployed over the broken one, with two ingress replicas (as the GPU configs have)."""
+    run_app(pair_args(pairs["width"], APP), APP, cluster, options={"Ingress": {"num_replicas": 2}})
     wait_until(lambda: _health()["code"] == 200, timeout=60, what="/health 200 (both pools up)")
 
 
@@ -160,6 +160,19 @@ def test_metrics_has_request_and_every_replicas_series(served):
     moved = _samples(families["overfill_kv_transfer_bytes"], "_total")
     assert [s.labels["role"] for s in moved] == ["decode"] and moved[0].value > 0
     assert _samples(families["overfill_kv_transfer_seconds"], "_count")[0].value >= 2
+
+
+def test_every_ingress_replica_answers_for_all_of_them(served):
+    """A scrape reaches one of the two ingress replicas: each sums both replicas' request series."""
+    for _ in range(4):
+        assert _complete(APP)[0] == 200
+    counts = set()
+    for _ in range(8):
+        requests = _samples(_families()["overfill_requests"], "_total")
+        counts.add(sum(s.value for s in requests if s.labels["mode"] == "overfill"))
+        ttft = _samples(_families()["overfill_ttft_seconds"], "_count")
+        counts.add(sum(s.value for s in ttft if s.labels["mode"] == "overfill"))
+    assert len(counts) == 1 and counts.pop() >= 4
 
 
 def test_grpc_health_check_watch_and_list(served):

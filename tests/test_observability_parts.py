@@ -71,6 +71,22 @@ def test_exposition_has_every_series_with_request_and_replica_values():
     assert _value(seconds, "overfill_kv_transfer_seconds_sum", **labels) == pytest.approx(100.203)
 
 
+def test_request_series_of_several_ingress_replicas_are_summed():
+    one, two = RequestMetrics("pair"), RequestMetrics("pair")
+    one.observe("overfill", 10, 5, 0.2, 1.0, "stop")
+    two.observe("overfill", 4, 3, 0.02, 0.5, "stop")
+    two.observe("full", 4, 3, 0.02, 0.5, "length")
+    families = _families(exposition(one, [], [two.samples()]))
+    done = families["overfill_requests"]
+    assert _value(done, "overfill_requests_total", mode="overfill", finish_reason="stop") == 2
+    assert _value(done, "overfill_requests_total", mode="full", finish_reason="length") == 1
+    ttft = families["overfill_ttft_seconds"]
+    assert _value(ttft, "overfill_ttft_seconds_count", mode="overfill") == 2
+    assert _value(ttft, "overfill_ttft_seconds_sum", mode="overfill") == pytest.approx(0.22)
+    assert _value(ttft, "overfill_ttft_seconds_bucket", mode="overfill", le="0.025") == 1
+    assert _value(families["overfill_prompt_tokens"], "overfill_prompt_tokens_total", mode="overfill") == 14
+
+
 def test_exposition_without_replicas_still_parses():
     families = _families(exposition(RequestMetrics("p"), []))
     assert "overfill_kv_usage_ratio" in families and not families["overfill_kv_usage_ratio"].samples

@@ -204,6 +204,10 @@ class Ingress:
         /health."""
         return Response(await self.app_metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def record_routing_stats(self) -> dict[str, Any]:
+        """This replica's request series, read by the other ingress replicas' /metrics (app_metrics.py)."""
+        return {"request_samples": self.metrics.samples()}
+
     async def _openai(self, http: Request, cls: Any) -> Any:
         try:
             self._check_http_key(http)

@@ -162,6 +162,26 @@ def replica_families(pair_name: str, replicas: Sequence[tuple[str, dict[str, Any
     yield seconds_family
 
 
+Sample = tuple[str, dict[str, str], float]  # (sample name, labels, value): one line of the text format
+
+
+def merged_request_families(replicas: Sequence[Sequence[Sample]]) -> Iterator[Metric]:
+    """The request series of several ingress replicas (each one's `RequestMetrics.samples()`), summed: a
+    scrape reaches one ingress replica, and it answers for all of them."""
+    totals: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for samples in replicas:
+        for name, labels_of, value in samples:
+            key = (name, tuple(sorted(labels_of.items())))
+            totals[key] = totals.get(key, 0.0) + value
+    for series in (SERIES[name] for name in REQUEST_SERIES):
+        family = Metric(series.name, series.help, series.kind)
+        names = {series.name + suffix for suffix in ("", "_total", "_bucket", "_count", "_sum")}
+        for (name, label_items), value in totals.items():
+            if name in names:
+                family.add_sample(name, dict(label_items), value)
+        yield family
+
+
 class RequestMetrics:
     """The ingress's request series: exported through Ray, and kept in `registry` for `/metrics`."""
 
@@ -188,6 +208,15 @@ class RequestMetrics:
         self._add("prompt_tokens", prompt_tokens, mode)
         self._add("generation_tokens", output_tokens, mode)
         self._add("requests", 1, mode, finish_reason=finish_reason)
+
+    def samples(self) -> list[Sample]:
+        """This replica's request series (creation times left out), for `merged_request_families`."""
+        return [
+            (sample.name, dict(sample.labels), sample.value)
+            for family in self.registry.collect()
+            for sample in family.samples
+            if not sample.name.endswith("_created")
+        ]
 
     def _add(self, name: str, value: float, mode: str, **extra: str) -> None:
         """One observation, in both exports."""
