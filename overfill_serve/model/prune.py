@@ -96,11 +96,7 @@ def prune_model(
     if out.resolve() == src.resolve():
         raise ModelConfigError(f"out_dir {out} is the teacher's directory; pick another")
     spec, config = ModelSpec.from_dir(src), json.loads((src / "config.json").read_text())
-    h_new = _check_size("hidden_size", hidden_size, spec.hidden_size)
-    i_new = _check_size("intermediate_size", intermediate_size, spec.intermediate_size)
-    kept = _resolve_depth(num_layers, kept_layers, spec.num_layers)
-    if dtype is not None and dtype not in _DTYPES:
-        raise ModelConfigError(f"dtype={dtype!r} is not supported (use one of {sorted(_DTYPES)})")
+    h_new, i_new, kept = _student_shape(spec, hidden_size, intermediate_size, num_layers, kept_layers, dtype)
     step = progress or _no_progress
 
     hidden_idx: torch.Tensor | None = None
@@ -132,6 +128,24 @@ def prune_model(
         teacher_parameters=sum(t.numel() for t in teacher.values()),
         student_parameters=sum(t.numel() for t in student.values()),
         calibration_tokens=n_tokens,
+    )
+
+
+def _student_shape(
+    spec: ModelSpec,
+    hidden_size: int | None,
+    intermediate_size: int | None,
+    num_layers: int | None,
+    kept_layers: KeptLayers,
+    dtype: str | None,
+) -> tuple[int, int, tuple[int, ...]]:
+    """(hidden size, intermediate size, kept teacher layers) of the student asked for, checked."""
+    if dtype is not None and dtype not in _DTYPES:
+        raise ModelConfigError(f"dtype={dtype!r} is not supported (use one of {sorted(_DTYPES)})")
+    return (
+        _check_size("hidden_size", hidden_size, spec.hidden_size),
+        _check_size("intermediate_size", intermediate_size, spec.intermediate_size),
+        _resolve_depth(num_layers, kept_layers, spec.num_layers),
     )
 
 
