@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +142,30 @@ def replica_stats(app: str, deployment: str) -> list[dict[str, Any]]:
         except (ValueError, ray.exceptions.RayActorError):
             continue
     return stats
+
+
+def pools_full(app: str) -> bool:
+    """Every live replica's KV pool whole again, no transfer open."""
+    stats = replica_stats(app, "PrefillServer") + replica_stats(app, "DecodeServer")
+    return all(s["free_blocks"] == s["total_blocks"] and s.get("open_transfers", 0) == 0 for s in stats)
+
+
+def health_status() -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", HTTP_PORT, timeout=30)
+    conn.request("GET", "/health")
+    return conn.getresponse().status
+
+
+def serve_pair(pair: Any, app: str, **overrides: Any) -> Iterator[Any]:
+    """For a module fixture: Ray and the app on a test pair (`pair_args`), yielded once /health is 200 (both
+    pools up), shut down after."""
+    import ray
+    from ray import serve
+
+    config, _ = load_app_config()
+    start_ray({})
+    run_app(pair_args(pair, app, **overrides), app, config["grpc_options"]["grpc_servicer_functions"])
+    wait_until(lambda: health_status() == 200, timeout=60, what="/health 200 (both pools up)")
+    yield pair
+    serve.shutdown()
+    ray.shutdown()

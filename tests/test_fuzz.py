@@ -15,7 +15,14 @@ from typing import Any
 
 import pytest
 from kv_helpers import decode_kwargs, pool_full, wait_until
-from serve_harness import GRPC_PORT, HTTP_PORT, load_app_config, replica_stats, run_app, start_ray
+from serve_harness import (
+    GRPC_PORT,
+    HTTP_PORT,
+    pools_full,
+    serve_pair,
+)
+
+from overfill_serve.sampling_params import FLOAT_FIELDS
 
 pytest.importorskip("ray")
 grpc = pytest.importorskip("grpc")
@@ -41,26 +48,8 @@ BAD_GRPC = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.U
 
 @pytest.fixture(scope="module")
 def served(pairs):
-    from ray import serve
-
-    pair = pairs["width"]
-    config, _ = load_app_config()
-    args = {
-        "pair_name": APP,
-        "prefill_model": str(pair.teacher),
-        "decode_model": str(pair.student),
-        "block_size": 4,
-        "max_model_len": 96,  # bounds what a valid mutation (say max_tokens 10**9) can cost
-        "max_request_bytes": 1 << 20,
-    }
-    start_ray({})
-    run_app(args, APP, config["grpc_options"]["grpc_servicer_functions"])
-    wait_until(lambda: _http("GET", "/health")[0] == 200, timeout=30, what="both pools up")
-    yield pair
-    serve.shutdown()
-    import ray
-
-    ray.shutdown()
+    # max_model_len bounds what a valid mutation (say max_tokens 10**9) can cost
+    yield from serve_pair(pairs["width"], APP, max_model_len=96, max_request_bytes=1 << 20)
 
 
 def _http(method: str, path: str, raw: bytes | None = None) -> tuple[int, bytes]:
@@ -68,11 +57,6 @@ def _http(method: str, path: str, raw: bytes | None = None) -> tuple[int, bytes]
     conn.request(method, path, raw, {"Content-Type": "application/json"})
     response = conn.getresponse()
     return response.status, response.read()
-
-
-def _pools_full() -> bool:
-    stats = replica_stats(APP, "PrefillServer") + replica_stats(APP, "DecodeServer")
-    return all(s["free_blocks"] == s["total_blocks"] and s.get("open_transfers", 0) == 0 for s in stats)
 
 
 def _replica_rss() -> int:
@@ -139,7 +123,7 @@ def test_fuzz_http(served):
             assert json.loads(body)["error"]["message"], body[:300]
     assert statuses.get(200, 0) > 50 and statuses.get(400, 0) > 300, statuses
     assert _greedy_text() == want
-    wait_until(_pools_full, timeout=30, what="KV pools full")
+    wait_until(lambda: pools_full(APP), timeout=30, what="KV pools full")
     assert _replica_rss() < rss * 1.05, (rss, _replica_rss())
 
 
@@ -183,14 +167,7 @@ def _grpc_case(rng: random.Random) -> Any:
         request.request_id = rng.choice(["dup", "", "a\nb", "x" * 300, f"id-{rng.random()}"])
     s = request.sampling
     s.max_tokens = rng.choice([1, 3, 0, -1, 2**31 - 1])
-    for name in (
-        "temperature",
-        "top_p",
-        "min_p",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-    ):
+    for name in FLOAT_FIELDS:
         if rng.random() < 0.2:
             setattr(s, name, rng.choice([0.0, 1.0, -1.0, math.nan, math.inf, -math.inf, 1e300]))
     if rng.random() < 0.2:
@@ -233,7 +210,7 @@ def test_fuzz_grpc(served):
         channel.close()
     assert codes.get("OK", 0) > 100 and codes.get("INVALID_ARGUMENT", 0) > 150, codes
     assert _greedy_text()  # still serving
-    wait_until(_pools_full, timeout=30, what="KV pools full")
+    wait_until(lambda: pools_full(APP), timeout=30, what="KV pools full")
 
 
 # -- KV channel -------------------------------------------------------------------------------------------

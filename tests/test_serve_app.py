@@ -9,7 +9,15 @@ import json
 import threading
 
 import pytest
-from serve_harness import GRPC_PORT, HTTP_PORT, load_app_config, replica_stats, run_app, start_ray, wait_until
+from serve_harness import (
+    GRPC_PORT,
+    HTTP_PORT,
+    load_app_config,
+    pools_full,
+    run_app,
+    start_ray,
+    wait_until,
+)
 
 pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
@@ -58,11 +66,6 @@ def _greedy(max_tokens=24):
     from overfill_serve import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens, temperature=0)
-
-
-def _pools_full():
-    stats = replica_stats(APP, "PrefillServer") + replica_stats(APP, "DecodeServer")
-    return all(s["free_blocks"] == s["total_blocks"] and s.get("open_transfers", 0) == 0 for s in stats)
 
 
 def test_config_names_the_app_deployments(served):
@@ -172,7 +175,7 @@ def test_sixteen_concurrent_streams(client, offline):
     for t in threads:
         t.join(timeout=300)
     assert {i: results.get(i) for i in range(16)} == {i: want[p] for i, p in enumerate(prompts)}
-    wait_until(_pools_full, what="both KV pools full")
+    wait_until(lambda: pools_full(APP), what="both KV pools full")
 
 
 def test_disconnect_mid_stream_frees_kv_on_both_sides(served):
@@ -191,9 +194,9 @@ def test_disconnect_mid_stream_frees_kv_on_both_sides(served):
     response = conn.getresponse()
     assert response.status == 200
     response.read1(200)  # a few chunks: the request is decoding now
-    wait_until(lambda: not _pools_full(), timeout=30, what="the request holding KV")
+    wait_until(lambda: not pools_full(APP), timeout=30, what="the request holding KV")
     conn.close()
-    wait_until(_pools_full, timeout=5, what="KV freed after the disconnect")
+    wait_until(lambda: pools_full(APP), timeout=5, what="KV freed after the disconnect")
 
 
 @pytest.mark.parametrize(
@@ -220,7 +223,7 @@ def test_bad_http_input(served, path, body, status, param):
     assert response.status == status and error["message"]
     if param is not None:
         assert error["param"] == param
-    assert _pools_full()
+    assert pools_full(APP)
 
 
 def test_bad_grpc_input(served):

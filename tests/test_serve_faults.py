@@ -9,7 +9,16 @@ import json
 import threading
 
 import pytest
-from serve_harness import GRPC_PORT, HTTP_PORT, load_app_config, replica_stats, run_app, start_ray, wait_until
+from serve_harness import (
+    GRPC_PORT,
+    HTTP_PORT,
+    load_app_config,
+    pools_full,
+    replica_stats,
+    run_app,
+    start_ray,
+    wait_until,
+)
 
 pytest.importorskip("ray")
 
@@ -58,11 +67,6 @@ def _post(body: dict, key: str | None = API_KEY) -> http.client.HTTPResponse:
     return conn.getresponse()
 
 
-def _pools_full() -> bool:
-    stats = replica_stats(APP, "PrefillServer") + replica_stats(APP, "DecodeServer")
-    return all(s["free_blocks"] == s["total_blocks"] and s.get("open_transfers", 0) == 0 for s in stats)
-
-
 def test_killed_decode_replica_migrates_the_stream(served):
     import ray
 
@@ -103,7 +107,7 @@ def test_killed_decode_replica_migrates_the_stream(served):
     assert all("error" not in c for c in chunks), chunks[-1]
     assert "".join(c["choices"][0]["text"] for c in chunks if c.get("choices")) == want.text
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    wait_until(_pools_full, timeout=30, what="KV pools full after the migration")
+    wait_until(lambda: pools_full(APP), timeout=30, what="KV pools full after the migration")
 
 
 def test_killed_prefill_replica_requests_go_to_the_other(served):
@@ -120,7 +124,7 @@ def test_killed_prefill_replica_requests_go_to_the_other(served):
         response = _post(body)
         assert response.status == 200, response.read()
         assert json.loads(response.read())["usage"]["completion_tokens"] == 8
-    wait_until(_pools_full, timeout=30, what="KV pools full")
+    wait_until(lambda: pools_full(APP), timeout=30, what="KV pools full")
 
 
 def test_overload_answers_503_with_retry_hint_and_loses_nothing(served):
@@ -143,7 +147,7 @@ def test_overload_answers_503_with_retry_hint_and_loses_nothing(served):
             assert payload["error"]["code"] == "overloaded" and retry_after
         else:
             assert len(payload["choices"][0]["text"]) > 0 and payload["usage"]["completion_tokens"] == 200
-    wait_until(_pools_full, timeout=30, what="KV pools full after the burst")
+    wait_until(lambda: pools_full(APP), timeout=30, what="KV pools full after the burst")
 
 
 def test_overload_grpc_resource_exhausted(served):

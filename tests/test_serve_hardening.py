@@ -12,7 +12,13 @@ import threading
 import time
 
 import pytest
-from serve_harness import GRPC_PORT, HTTP_PORT, load_app_config, replica_stats, run_app, start_ray, wait_until
+from serve_harness import (
+    GRPC_PORT,
+    HTTP_PORT,
+    pools_full,
+    serve_pair,
+    wait_until,
+)
 
 pytest.importorskip("ray")
 grpc = pytest.importorskip("grpc")
@@ -23,27 +29,9 @@ PROMPT = list(range(20, 40))
 
 @pytest.fixture(scope="module")
 def served(pairs):
-    from ray import serve
-
-    pair = pairs["width"]
-    config, _ = load_app_config()
-    args = {
-        "pair_name": APP,
-        "prefill_model": str(pair.teacher),
-        "decode_model": str(pair.student),
-        "block_size": 4,
-        "max_model_len": 256,
-        "max_inflight_requests": 8,
-        "max_request_bytes": 4 << 20,
-    }
-    start_ray({})
-    run_app(args, APP, config["grpc_options"]["grpc_servicer_functions"])
-    wait_until(lambda: _request("GET", "/health")[0] == 200, timeout=30, what="/health 200 (both pools up)")
-    yield pair
-    serve.shutdown()
-    import ray
-
-    ray.shutdown()
+    yield from serve_pair(
+        pairs["width"], APP, max_model_len=256, max_inflight_requests=8, max_request_bytes=4 << 20
+    )
 
 
 def _request(
@@ -55,11 +43,6 @@ def _request(
     response = conn.getresponse()
     data = response.read()
     return response.status, json.loads(data) if data else {}
-
-
-def _pools_full() -> bool:
-    stats = replica_stats(APP, "PrefillServer") + replica_stats(APP, "DecodeServer")
-    return all(s["free_blocks"] == s["total_blocks"] and s.get("open_transfers", 0) == 0 for s in stats)
 
 
 def _health_latency() -> float:
@@ -89,7 +72,7 @@ def test_n_choices_complete_in_every_mode_and_block_no_one(served, model, n):
     assert len(texts) == n and set(texts) == {single["choices"][0]["text"]}  # greedy: every choice alike
     assert payload["usage"]["completion_tokens"] == 4 * n
     assert single_s < 20, f"an n=1 request waited {single_s:.1f} s beside an n={n} one"
-    wait_until(_pools_full, timeout=30, what="KV pools full")
+    wait_until(lambda: pools_full(APP), timeout=30, what="KV pools full")
 
 
 @pytest.mark.parametrize("field", ["temperature", "repetition_penalty", "top_p"])
@@ -180,7 +163,7 @@ def test_grpc_client_mistakes_are_typed(served):
         got, details = _grpc_code(request)
         assert got == code, f"{what}: {got} {details}"
         assert "internal error" not in details
-    wait_until(_pools_full, timeout=30, what="KV pools full")
+    wait_until(lambda: pools_full(APP), timeout=30, what="KV pools full")
 
 
 def test_grpc_unknown_application_is_not_found(served):
@@ -218,7 +201,7 @@ def test_duplicate_grpc_request_ids_do_not_collide(served):
         for t in threads:
             t.join(timeout=120)
         assert got == {0: want[0].token_ids, 1: want[1].token_ids}
-    wait_until(_pools_full, timeout=30, what="KV pools full")
+    wait_until(lambda: pools_full(APP), timeout=30, what="KV pools full")
 
 
 def test_clients_that_leave_before_reading_leak_no_admission(served):
@@ -238,4 +221,4 @@ def test_clients_that_leave_before_reading_leak_no_admission(served):
     )
     status, payload = _request("POST", "/v1/completions", {"model": APP, "prompt": PROMPT, "max_tokens": 2})
     assert status == 200, payload
-    wait_until(_pools_full, timeout=30, what="KV pools full")
+    wait_until(lambda: pools_full(APP), timeout=30, what="KV pools full")

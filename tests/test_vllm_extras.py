@@ -13,11 +13,8 @@ import pytest
 from serve_harness import (
     GRPC_PORT,
     HTTP_PORT,
-    load_app_config,
-    pair_args,
-    replica_stats,
-    run_app,
-    start_ray,
+    pools_full,
+    serve_pair,
     wait_until,
 )
 
@@ -31,18 +28,7 @@ GREEDY = {"temperature": 0, "max_tokens": 6}
 
 @pytest.fixture(scope="module")
 def served(pairs):
-    from ray import serve
-
-    pair = pairs["width"]
-    config, _ = load_app_config()
-    start_ray({})
-    run_app(pair_args(pair, APP, max_model_len=256), APP, config["grpc_options"]["grpc_servicer_functions"])
-    wait_until(lambda: _request("GET", "/health")[0] == 200, timeout=60, what="/health 200 (both pools up)")
-    yield pair
-    serve.shutdown()
-    import ray
-
-    ray.shutdown()
+    yield from serve_pair(pairs["width"], APP, max_model_len=256)
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +59,6 @@ def _offline(offline, prompt: list[int], **params):
     return offline.generate(prompt, SamplingParams(**params))[0]
 
 
-def _pools_full() -> bool:
-    stats = replica_stats(APP, "PrefillServer") + replica_stats(APP, "DecodeServer")
-    return all(s["free_blocks"] == s["total_blocks"] and s.get("open_transfers", 0) == 0 for s in stats)
-
-
 def test_a_batch_of_prompts_answers_each_prompt_with_its_n_choices(client, offline):
     out = client.completions.create(model=APP, prompt=PROMPTS, n=2, extra_body={"ignore_eos": True}, **GREEDY)
     assert [c.index for c in sorted(out.choices, key=lambda c: c.index)] == list(range(6))
@@ -90,7 +71,7 @@ def test_a_batch_of_prompts_answers_each_prompt_with_its_n_choices(client, offli
     assert out.usage.prompt_tokens_details is not None and out.usage.prompt_tokens_details.cached_tokens == 0
     strings = client.completions.create(model=f"{APP}:full", prompt=["a b", "c"], max_tokens=2, temperature=0)
     assert len(strings.choices) == 2
-    wait_until(_pools_full, timeout=30, what="KV pools full")
+    wait_until(lambda: pools_full(APP), timeout=30, what="KV pools full")
 
 
 @pytest.mark.parametrize("model", [APP, f"{APP}:full"])
