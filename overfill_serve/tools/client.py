@@ -77,7 +77,7 @@ class Completion:
     raw: dict[str, Any] = field(default_factory=dict)
 
 
-def _api_error(status: int, body: Any, in_stream: bool = False) -> APIError:
+def api_error(status: int, body: Any, in_stream: bool = False) -> APIError:
     """From an OpenAI error body {"error": {"message", "type", "param", "code"}} (bytes or parsed). In a stream
     (HTTP status 200) the status comes from an integer `code`, else the error type, else 500."""
     try:
@@ -145,7 +145,7 @@ class HTTPClient:
             except OSError as e:
                 raise APIConnectionError(f"cannot reach {self.base_url}: {e}") from e
             if resp.status >= 400:
-                raise _api_error(resp.status, resp.read())
+                raise api_error(resp.status, resp.read())
             yield resp
         finally:
             conn.close()
@@ -163,7 +163,7 @@ class HTTPClient:
                 for payload in iter_sse(iter(resp.readline, b"")):
                     event = json.loads(payload)
                     if "error" in event:
-                        raise _api_error(resp.status, event, in_stream=True)
+                        raise api_error(resp.status, event, in_stream=True)
                     yield event
             except OSError as e:
                 raise APIConnectionError(f"the stream from {self.base_url} broke: {e}") from e
@@ -221,6 +221,14 @@ class HTTPClient:
         return Completion(
             raw.get("id", ""), raw.get("model", ""), text or "", choice.get("finish_reason"), usage, raw
         )
+
+    def tokenize(self, prompt: str, *, add_special_tokens: bool = True) -> dict[str, Any]:
+        """POST /tokenize (vLLM's): the served tokenizer's {"count", "max_model_len", "tokens"} for `prompt`."""
+        return self._json("POST", "/tokenize", {"prompt": prompt, "add_special_tokens": add_special_tokens})
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """POST /detokenize (vLLM's): the text of token ids."""
+        return str(self._json("POST", "/detokenize", {"tokens": list(tokens)})["prompt"])
 
     def models(self) -> list[dict[str, Any]]:
         """GET /v1/models: the `data` entries ({"id", "object", "owned_by", ...})."""
