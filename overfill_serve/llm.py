@@ -46,6 +46,8 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None
     mode: str
     metrics: RequestMetrics
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (as in vLLM).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class LLM:
@@ -201,6 +203,9 @@ def _to_output(request: Request, text: str, prompt: Prompt | None = None) -> Req
         stop_reason=request.stop_reason,
         logprobs=list(request.output_logprobs) if request.params.logprobs is not None else None,
         mode=request.mode.value,
+        prompt_logprobs=[None, *request.prompt_logprobs]
+        if request.params.prompt_logprobs is not None
+        else None,
         metrics=RequestMetrics(
             ttft=None if first is None else first - start,
             e2e=end - start,

@@ -71,11 +71,13 @@ class FinishReason(str, enum.Enum):
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """Log-probability of the chosen token and, when asked for, the top alternatives."""
+    """Log-probability of the chosen token and, when asked for, the top alternatives; its rank among all
+    tokens (1: the most likely) where known."""
 
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,8 @@ class Request:
     mode: Mode = Mode.OVERFILL
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # With params.prompt_logprobs: prompt tokens 1, 2, ... scored so far (token 0 has no context to score it).
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     # Tokens whose KV is in `block_table` (prompt and generated tokens alike).
     num_computed_tokens: int = 0
@@ -113,6 +117,7 @@ class Request:
     generator: torch.Generator | None = None
 
     def __post_init__(self) -> None:
+        self.params.check_prompt(self.num_prompt_tokens)
         self.mark(RequestStatus.RECEIVED)
 
     def mark(self, status: RequestStatus) -> None:
@@ -130,6 +135,16 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def prefill_stop(self) -> int:
+        """Where the prefill running now stops: `SamplingParams.prefill_stop`."""
+        return self.params.prefill_stop(self.num_computed_tokens, self.num_prompt_tokens)
+
+    @property
+    def prompt_continues(self) -> bool:
+        """The prompt's KV is computed up to its continuation start only: the decode model computes the rest."""
+        return self.num_computed_tokens < self.num_prompt_tokens
 
     @property
     def num_tokens(self) -> int:

@@ -19,6 +19,7 @@ FLOAT_FIELDS = (
 # Stop strings are matched on the engine thread for every generated token: bound what one request may ask for.
 MAX_STOP_STRINGS = 32
 MAX_STOP_STRING_CHARS = 256
+MAX_LOGPROBS = 20  # alternatives per token, as vLLM bounds them
 # logit_bias as OpenAI bounds it: at most 300 tokens, each biased by a value in [-100, 100].
 MAX_LOGIT_BIAS = 300
 LOGIT_BIAS_RANGE = 100.0
@@ -33,6 +34,12 @@ class SamplingParams:
     min_tokens: until that many tokens are generated, eos and the stop token ids are never sampled and stop
     strings do not end the request. logit_bias: (token id, bias) pairs added to the logits before sampling
     (a mapping is accepted and stored sorted).
+
+    Scoring: prompt_logprobs=k returns the log-probability of every prompt token after the first (with the k
+    most likely alternatives); max_tokens=0 then scores without generating. continuation_start=c is the
+    OverFill split for scoring a continuation: the prefill model (the teacher) computes the prompt up to token
+    c and scores tokens 1..c, the decode model (the student) computes and scores the rest on that KV, as
+    OverFill generates them. Without it the prefill model computes (and scores) the whole prompt.
     """
 
     max_tokens: int = 16
@@ -52,6 +59,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     min_tokens: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    prompt_logprobs: int | None = None
+    continuation_start: int | None = None
 
     def __post_init__(self) -> None:
         # Tuples keep the dataclass hashable; lists (or one string) given by callers are converted.
@@ -72,8 +81,8 @@ class SamplingParams:
         for name in FLOAT_FIELDS:  # NaN passes every comparison below
             if not math.isfinite(getattr(self, name)):
                 raise bad(name, "must be a finite number")
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            raise bad("max_tokens", "must be a positive integer")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise bad("max_tokens", "must be a non-negative integer")
         if self.temperature < 0:
             raise bad("temperature", "must be >= 0")
         if not 0.0 < self.top_p <= 1.0:
@@ -88,8 +97,13 @@ class SamplingParams:
             raise bad("presence_penalty", "must be in [-2, 2]")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise bad("frequency_penalty", "must be in [-2, 2]")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise bad("logprobs", "must be in [0, 20]")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= MAX_LOGPROBS:
+                raise bad(name, f"must be in [0, {MAX_LOGPROBS}]")
+        if self.continuation_start is not None and self.continuation_start < 1:
+            raise bad(
+                "continuation_start", "must be a token index >= 1 (the teacher computes the token before it)"
+            )
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
             raise bad("min_tokens", f"must be an integer in [0, max_tokens={self.max_tokens}]")
         if any(t < 0 for t in self.stop_token_ids):
@@ -125,6 +139,21 @@ class SamplingParams:
                 raise bad(f"keys must be token ids (>= 0), got {token!r}")
             if not (isinstance(bias, (int, float)) and math.isfinite(bias)) or abs(bias) > LOGIT_BIAS_RANGE:
                 raise bad(f"values must be numbers in [-100, 100], got {bias!r} for token {token}")
+
+    def check_prompt(self, num_prompt_tokens: int) -> None:
+        """The parameters that depend on the prompt's length: `InvalidRequestError` if they do not fit it."""
+        if self.continuation_start is not None and self.continuation_start > num_prompt_tokens:
+            raise InvalidRequestError(
+                f"continuation_start {self.continuation_start} is past the prompt's {num_prompt_tokens} tokens",
+                field="continuation_start",
+            )
+
+    def prefill_stop(self, num_computed_tokens: int, num_prompt_tokens: int) -> int:
+        """Where the prefill that has computed `num_computed_tokens` stops: at the continuation start (the
+        prefill model hands the prompt over to the decode model there) until that is reached, then at the
+        end of the prompt."""
+        split = self.continuation_start
+        return split if split is not None and num_computed_tokens < split else num_prompt_tokens
 
     @property
     def greedy(self) -> bool:

@@ -104,6 +104,15 @@ def _make_pair(tmp_path_factory, kind: str) -> Pair:
 
 
 PAIR_KINDS = ("identity", "width", "depth", "qwen2", "llama3_rope")
+# The portable CPU path, and the GPU path's defaults run on CPU (Triton kernels interpreted, the CUDA-graph
+# decode buffers without capture, padded weights) with a prefill budget that chunks prompts.
+ENGINES = {
+    "torch": {},
+    "gpu_path": dict(
+        attention_backend="triton", cuda_graphs=True, pad_to_multiple=64, max_num_batched_tokens=16
+    ),
+}
+
 
 
 @pytest.fixture(scope="session")

@@ -68,3 +68,28 @@ def overfill_greedy(
         tokens.append(pick(len(tokens), logits))
         all_logits.append(logits)
     return tokens, all_logits
+
+
+@torch.no_grad()
+def overfill_prompt_scores(
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    prompt: list[int],
+    split: int,
+    kept_layers: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """OverFill scoring by hand: the teacher runs prompt[:split] and its logits score tokens 1..split; the
+    student, on the teacher's KV of its kept layers, runs prompt[split:] and scores the rest. Returns the
+    log-softmax rows that scored prompt tokens 1..n-1 ([n-1, V]) and the logits after the last token."""
+    out = teacher(input_ids=torch.tensor([prompt[:split]]), cache=DynamicCache(), use_cache=True)
+    rows = [out.logits[0].float()]
+    if split < len(prompt):
+        kept = kept_layers if kept_layers is not None else list(range(len(out.cache.layers)))
+        cache = DynamicCache()
+        for j, i in enumerate(kept):
+            cache.update(out.cache.layers[i].keys.clone(), out.cache.layers[i].values.clone(), j)
+        rows.append(
+            student(input_ids=torch.tensor([prompt[split:]]), cache=cache, use_cache=True).logits[0].float()
+        )
+    logits = torch.cat(rows)
+    return torch.log_softmax(logits[:-1], dim=-1), logits[-1]

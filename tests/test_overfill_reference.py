@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PAIR_KINDS
+from conftest import ENGINES, PAIR_KINDS
 from reference import load_hf, overfill_greedy
 
 from overfill_serve import LLM, SamplingParams
@@ -16,14 +16,7 @@ PROMPTS = [
     [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22],
 ]
 MAX_TOKENS = 12
-# The portable CPU path, and the GPU path's defaults run on CPU (Triton kernels interpreted, the CUDA-graph
-# decode buffers without capture, padded weights) with a prefill budget that chunks prompts.
-ENGINES = {
-    "torch": {},
-    "gpu_path": dict(
-        attention_backend="triton", cuda_graphs=True, pad_to_multiple=64, max_num_batched_tokens=16
-    ),
-}
+
 
 
 def _check(outputs, references, kept=None):

@@ -14,6 +14,12 @@ class ScheduledSeq:
     start: int
     block_table: tuple[int, ...]
     needs_logits: bool  # sample after this step (a prompt's last chunk, or a decode step)
+    all_logits: bool = False  # a logits row for every token (prompt logprobs), not only for the last
+
+    @property
+    def num_logits(self) -> int:
+        """Logits rows this sequence gets: the last of them is the sampling row when `needs_logits`."""
+        return len(self.token_ids) if self.all_logits else int(self.needs_logits)
 
     @property
     def context_len(self) -> int:
@@ -30,7 +36,7 @@ class Batch:
 
     @property
     def sampled(self) -> tuple[ScheduledSeq, ...]:
-        """The sequences that get a logits row, in row order."""
+        """The sequences that sample, in row order."""
         return tuple(s for s in self.seqs if s.needs_logits)
 
     def __bool__(self) -> bool:

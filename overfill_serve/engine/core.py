@@ -7,6 +7,9 @@ prefills it and the model that decodes it; either end can be elsewhere:
   `prefilled` for the caller to hand over (a prefill worker offers it through the KV channel);
 - `start_decode(request, first_token, decode)`: the prompt KV came from elsewhere (a decode worker pulled
   it); a preemption then returns the request in the step's `preempted` for its owner to prefill again.
+A request with a continuation start (the OverFill split for scoring) is prefilled by its prefill model up to
+that token and by its decode model from there (`SamplingParams.prefill_stop`); the handover between the two
+carries no first token.
 """
 
 from __future__ import annotations
@@ -66,7 +69,9 @@ class EngineCore:
         self.swap = SwapSpace(self.cache, config.num_swap_blocks) if config.num_swap_blocks else None
         context = StageContext(self.pool, Sampler(eos_token_ids=spec.eos_token_ids), self.output, config)
         runners = {name: self._runner(model, kept, config) for name, (model, kept) in models.items()}
-        self.prefill = {name: PrefillEngine(r, context, on_prefill_layer) for name, r in runners.items()}
+        self.prefill = {
+            name: PrefillEngine(r, context, on_prefill_layer, self._reserve) for name, r in runners.items()
+        }
         self.decode = {name: DecodeEngine(r, context, self.swap) for name, r in runners.items()}
         self._routes: dict[str, Route] = {}
 
@@ -88,7 +93,12 @@ class EngineCore:
     def start_decode(
         self, request: Request, first_token: SampledToken | None, decode: str
     ) -> StepOutput | None:
-        """A request whose prompt KV is in the pool: see `DecodeEngine.add`."""
+        """A request whose prompt KV is in the pool: see `DecodeEngine.add`. KV up to a continuation start
+        only: the decode model computes the rest of the prompt first."""
+        if request.num_computed_tokens < request.num_prompt_tokens:
+            self._routes[request.request_id] = Route(None, decode)
+            self.prefill[decode].add(request)
+            return None
         out = self.decode[decode].add(request, first_token)
         if not request.is_finished:
             self._routes.setdefault(request.request_id, Route(None, decode))
@@ -116,11 +126,15 @@ class EngineCore:
         for prefill in self.prefill.values():
             if not prefill.has_work():
                 continue
-            for done in prefill.step().prefilled:
+            result = prefill.step()
+            outputs += result.outputs
+            for done in result.prefilled:
                 route = self._routes[done.request.request_id]
                 if route.decode is None:  # the caller takes it from here
                     del self._routes[done.request.request_id]
                     prefilled.append(done)
+                elif done.request.num_computed_tokens < done.request.num_prompt_tokens:
+                    self.prefill[route.decode].add(done.request, front=True)  # the rest of the prompt
                 elif (out := self.decode[route.decode].add(done.request, done.first_token)) is not None:
                     outputs.append(out)
         for decode in self.decode.values():
@@ -132,6 +146,12 @@ class EngineCore:
             if out.finished:
                 self._routes.pop(out.request_id, None)
         return StepResult(tuple(outputs), tuple(prefilled), tuple(preempted))
+
+    def _reserve(self, request: Request) -> int:
+        """Tokens a prefill here holds blocks for: the whole prompt when the rest of it is computed here too."""
+        route = self._routes.get(request.request_id)
+        local = route is not None and route.decode is not None
+        return request.num_prompt_tokens if local else request.prefill_stop
 
     def _re_prefill(self, request: Request) -> bool:
         """Send a preempted request back to the model that prefilled it here; False if its prompt KV came

@@ -23,6 +23,8 @@ class StepOutput:
     finished: bool
     finish_reason: FinishReason | None = None
     logprobs: tuple[TokenLogprob, ...] = ()  # of token_ids, when the request asked for them
+    # With a request's first output, when it asked for them: its prompt tokens 1, 2, ... scored.
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class OutputProcessor:
@@ -55,7 +57,26 @@ class OutputProcessor:
         if finished:
             text += detok.finish()
         logprobs = (sampled.logprob,) if sampled.logprob is not None else ()
-        return StepOutput(request.request_id, (token,), text, finished, request.finish_reason, logprobs)
+        return StepOutput(
+            request.request_id,
+            (token,),
+            text,
+            finished,
+            request.finish_reason,
+            logprobs,
+            tuple(request.prompt_logprobs) if len(request.output_token_ids) == 1 else (),
+        )
+
+    def finish_prompt(self, request: Request) -> StepOutput:
+        """The one output of a request that generates nothing (max_tokens=0): its prompt scored."""
+        return StepOutput(
+            request.request_id,
+            (),
+            "",
+            True,
+            FinishReason.LENGTH,
+            prompt_logprobs=tuple(request.prompt_logprobs),
+        )
 
     def stops_on(self, token: int, params: SamplingParams, *, generated: int) -> bool:
         """The token-level stop rule: a stop token id, or eos unless ignored, once `params.min_tokens` are

@@ -7,6 +7,11 @@ back from a decode-side preemption (it already has output tokens) is prefilled o
 handed over without sampling: the decode model recomputes its own KV for the tokens it generated. The first
 token is not detokenized here: whoever decodes the request streams it (`DecodeEngine.add`), on this worker
 or across the KV channel.
+
+Scoring (`SamplingParams.prompt_logprobs`): a chunk then gets logits for every token, and each prompt token
+is scored by the model that computes the token before it. A prefill stops at the request's continuation
+start (the OverFill split): the request is handed over without a first token and the decode model's prefill
+engine computes the rest of the prompt on that KV. A request with max_tokens=0 ends here.
 """
 
 from __future__ import annotations
@@ -18,18 +23,26 @@ import torch
 
 from overfill_serve.engine.batch import Batch, ScheduledSeq
 from overfill_serve.engine.runner import ModelRunner
+from overfill_serve.engine.sampler import SampledToken, score
 from overfill_serve.engine.stage import Prefilled, StageContext, StageEngine, StepResult
 from overfill_serve.kv.paged_cache import blocks_for
-from overfill_serve.request import Request, RequestStatus
+from overfill_serve.request import FinishReason, Request, RequestStatus
 
 
 class PrefillEngine(StageEngine):
     def __init__(
-        self, runner: ModelRunner, context: StageContext, on_layer: Callable[[Batch, int], None] | None = None
+        self,
+        runner: ModelRunner,
+        context: StageContext,
+        on_layer: Callable[[Batch, int], None] | None = None,
+        reserve: Callable[[Request], int] | None = None,
     ) -> None:
         super().__init__(runner, context)  # running: blocks allocated, prompt partly computed
         self.max_num_batched_tokens = context.config.max_num_batched_tokens
         self.on_layer = on_layer  # called after each layer's forward: lets a KV channel stream layer by layer
+        # Tokens a request holds blocks for once admitted: by default up to where this prefill stops; a core
+        # that also computes the rest of the prompt holds it whole, so that part never waits for memory.
+        self.reserve = reserve or (lambda request: request.prefill_stop)
 
     def add(self, request: Request, front: bool = False) -> None:
         request.mark(RequestStatus.ROUTED)
@@ -59,12 +72,14 @@ class PrefillEngine(StageEngine):
             budget -= len(seqs[-1].token_ids)
         while budget and self.waiting and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            blocks = self.pool.allocate(blocks_for(request.num_prompt_tokens, self.block_size))
+            # A prompt continued after its split already holds blocks for the part computed so far.
+            blocks = self.pool.allocate(
+                blocks_for(self.reserve(request), self.block_size) - len(request.block_table)
+            )
             if blocks is None:
                 break  # FIFO: later prompts wait too, so a long prompt is not starved
             self.waiting.popleft()
-            request.block_table = blocks
-            request.num_computed_tokens = 0
+            request.block_table += blocks
             request.mark(RequestStatus.PREFILLING)
             self.running.append(request)
             seqs.append(self._chunk(request, budget))
@@ -73,30 +88,68 @@ class PrefillEngine(StageEngine):
 
     @staticmethod
     def _chunk(request: Request, budget: int) -> ScheduledSeq:
-        """The next at most `budget` prompt tokens of a request whose blocks are allocated."""
+        """The next at most `budget` prompt tokens of a request whose blocks are allocated, up to where this
+        prefill stops. A re-prefill (it has output tokens) neither samples nor scores again."""
         start = request.num_computed_tokens
-        end = min(request.num_prompt_tokens, start + budget)
+        end = min(request.prefill_stop, start + budget)
+        fresh = not request.output_token_ids
         return ScheduledSeq(
             request.request_id,
             tuple(request.prompt_token_ids[start:end]),
             start,
             tuple(request.block_table),
-            needs_logits=end == request.num_prompt_tokens and not request.output_token_ids,
+            needs_logits=fresh and end == request.num_prompt_tokens and request.params.max_tokens > 0,
+            all_logits=fresh and request.params.prompt_logprobs is not None,
         )
 
     def _postprocess(self, batch: Batch, logits: torch.Tensor) -> StepResult:
         by_id = {r.request_id: r for r in self.running}
-        sampling = [by_id[s.request_id] for s in batch.sampled]
-        tokens = self.sampler(logits, sampling) if sampling else []
-        first = {r.request_id: token for r, token in zip(sampling, tokens)}
-        prefilled = []
+        first = self._sample(batch, logits, by_id)
+        prefilled, outputs = [], []
         for seq in batch.seqs:
             request = by_id[seq.request_id]
+            stop = request.prefill_stop
             request.num_computed_tokens = seq.context_len
-            if seq.context_len == request.num_prompt_tokens:
-                self.running.remove(request)
-                request.mark(RequestStatus.KV_IN_FLIGHT)
-                if request.request_id in first:
-                    request.stamp("first_token")
-                prefilled.append(Prefilled(request, first.get(request.request_id)))
-        return StepResult(prefilled=tuple(prefilled))
+            if seq.context_len < stop:
+                continue
+            self.running.remove(request)
+            if seq.context_len == request.num_prompt_tokens and request.params.max_tokens == 0:
+                outputs.append(self.output.finish_prompt(request))  # scored, nothing to generate
+                self._finish(request, RequestStatus.FINISHED, FinishReason.LENGTH)
+                continue
+            request.mark(RequestStatus.KV_IN_FLIGHT)
+            if request.request_id in first:
+                request.stamp("first_token")
+            prefilled.append(Prefilled(request, first.get(request.request_id)))
+        return StepResult(outputs=tuple(outputs), prefilled=tuple(prefilled))
+
+    def _sample(
+        self, batch: Batch, logits: torch.Tensor, by_id: dict[str, Request]
+    ) -> dict[str, SampledToken]:
+        """Score the prompt tokens of the sequences that want it, then sample the first tokens: request id ->
+        its first token. Row r of a scoring chunk starting at s scores prompt token s + r + 1."""
+        rows, targets, scored, ks = [], [], [], []
+        sampling, sample_rows = [], []
+        row = 0
+        for seq in batch.seqs:
+            request = by_id[seq.request_id]
+            if seq.all_logits:
+                # Up to the prompt's last token; what is scored already (before a re-run) is not again.
+                first_pos = max(seq.start, len(request.prompt_logprobs))
+                for pos in range(first_pos, min(seq.context_len, request.num_prompt_tokens - 1)):
+                    rows.append(row + pos - seq.start)
+                    targets.append(request.prompt_token_ids[pos + 1])
+                    scored.append(request)
+                    ks.append(request.params.prompt_logprobs or 0)
+            row += seq.num_logits
+            if seq.needs_logits:
+                sampling.append(request)
+                sample_rows.append(row - 1)
+        if rows:
+            for request, lp in zip(scored, score(logits[rows], targets, ks)):
+                request.prompt_logprobs.append(lp)
+        if not sampling:
+            return {}
+        if len(sample_rows) != logits.shape[0]:
+            logits = logits[sample_rows]
+        return {r.request_id: t for r, t in zip(sampling, self.sampler(logits, sampling))}

@@ -36,7 +36,7 @@ class ModelRunner:
         self._pinned = self.device.type == "cuda"
 
     def run(self, batch: Batch, on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Logits [rows, vocab] (float32) for the sequences with `needs_logits`, in batch order."""
+        """Logits [rows, vocab] (float32): each sequence's `num_logits` last rows, in batch order."""
         if self.graphs is not None and on_layer is None and self.graphs.fits(batch):
             return self.graphs.run(batch)
         tokens, positions, meta, logits_index = self._inputs(batch)
@@ -62,7 +62,7 @@ class ModelRunner:
             slots,
             ctx_lens,
             np.concatenate([[0], ends]),
-            (ends - 1)[[s.needs_logits for s in seqs]],
+            np.concatenate([np.arange(e - s.num_logits, e) for s, e in zip(seqs, ends)]),
             tables.ravel(),
         ]
         host = torch.from_numpy(np.concatenate(parts))

@@ -344,32 +344,55 @@ def _token_counts(tokens: torch.Tensor, prompt_lens: torch.Tensor, vocab: int, h
 
 def _collect(raw: torch.Tensor, token_ids: torch.Tensor, requests: Sequence[Request]) -> list[SampledToken]:
     """The step's one device->host copy: the token ids and, for the requests that asked, log-probabilities
-    under the raw logits (before penalties and temperature, as vLLM reports them), packed in one tensor.
-
-    float64 holds the float32 logprobs and the token ids (far below 2**53) exactly.
-    """
+    under the raw logits (before penalties and temperature, as vLLM reports them), packed in one tensor."""
     wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
     if not wanted:
         return [SampledToken(t, None) for t in token_ids.tolist()]
     ks = [requests[i].params.logprobs or 0 for i in wanted]
-    k_max = min(max(ks), raw.shape[1])
     if len(wanted) == len(requests):
-        logp, chosen = torch.log_softmax(raw, dim=-1), token_ids
+        rows, chosen = raw, token_ids
     else:
-        (rows,) = _upload(raw.device, _longs(wanted))
-        logp, chosen = torch.log_softmax(raw[rows], dim=-1), token_ids[rows]
-    parts = [token_ids, logp.gather(1, chosen.unsqueeze(1)).squeeze(1)]
+        (index,) = _upload(raw.device, _longs(wanted))
+        rows, chosen = raw[index], token_ids[index]
+    b = len(requests)
+    flat, logprobs = _token_logprobs(rows, chosen, ks, head=token_ids)
+    ids = [int(t) for t in flat[:b]]
+    out = [SampledToken(t, None) for t in ids]
+    for i, lp in zip(wanted, logprobs):
+        out[i] = SampledToken(ids[i], lp)
+    return out
+
+
+def score(logits: torch.Tensor, token_ids: Sequence[int], ks: Sequence[int]) -> list[TokenLogprob]:
+    """The log-probability of each given token under its row of `logits` [len(token_ids), V], with its `ks[i]`
+    most likely alternatives: prompt tokens scored by the model that computed the tokens before them."""
+    if not token_ids:
+        return []
+    (chosen,) = _upload(logits.device, _longs(list(token_ids)))
+    return _token_logprobs(logits.float(), chosen, list(ks))[1]
+
+
+def _token_logprobs(
+    raw: torch.Tensor, chosen: torch.Tensor, ks: list[int], head: torch.Tensor | None = None
+) -> tuple[list[float], list[TokenLogprob]]:
+    """Row i's log-probability of `chosen[i]` and its `ks[i]` most likely tokens, read back in one copy with
+    `head` (whatever else the caller needs from the device) packed in front: returns that copy and the
+    logprobs. float64 holds the float32 logprobs and the token ids (far below 2**53) exactly."""
+    k_max = min(max(ks), raw.shape[1])
+    logp = torch.log_softmax(raw, dim=-1)
+    parts = [] if head is None else [head]
+    chosen_lp = logp.gather(1, chosen.unsqueeze(1))
+    parts += [chosen_lp.squeeze(1), chosen, (logp > chosen_lp).sum(dim=1) + 1]  # ... and its rank
     if k_max > 0:
         values, indices = logp.topk(k_max, dim=-1)
         parts += [values.flatten(), indices.flatten()]
     flat: list[float] = torch.cat([p.double() for p in parts]).tolist()
-
-    b, w = len(requests), len(wanted)
-    ids = [int(t) for t in flat[:b]]
-    top_values, top_ids = flat[b + w : b + w + w * k_max], flat[b + w + w * k_max :]
-    out = [SampledToken(t, None) for t in ids]
-    for n, i in enumerate(wanted):
-        base, k = n * k_max, min(ks[n], k_max)
-        top = tuple((int(top_ids[base + j]), top_values[base + j]) for j in range(k))
-        out[i] = SampledToken(ids[i], TokenLogprob(ids[i], flat[b + n], top))
-    return out
+    w, base = len(ks), 0 if head is None else head.numel()
+    lps, ids, ranks = (flat[base + i * w : base + (i + 1) * w] for i in range(3))
+    top_values, top_ids = flat[base + 3 * w : base + 3 * w + w * k_max], flat[base + 3 * w + w * k_max :]
+    out = []
+    for n in range(w):
+        k = min(ks[n], k_max)
+        top = tuple((int(top_ids[n * k_max + j]), top_values[n * k_max + j]) for j in range(k))
+        out.append(TokenLogprob(int(ids[n]), lps[n], top, int(ranks[n])))
+    return flat, out

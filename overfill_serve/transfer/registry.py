@@ -36,12 +36,15 @@ class TransferState(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Completion:
-    """What the decode side needs besides the KV: the teacher's first token."""
+    """What the decode side needs besides the KV: the teacher's first token (None: the KV stops at the
+    request's continuation start, and the decode side computes the rest of the prompt) and, when asked for,
+    the prompt tokens the teacher scored."""
 
-    first_token: int
+    first_token: int | None
     num_tokens: int  # prompt tokens whose KV is transferred
     logprob: TokenLogprob | None = None
     finished: bool = False  # the first token ends the request: no more KV is sent, none is needed
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class Ready(Protocol):

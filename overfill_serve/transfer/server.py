@@ -50,15 +50,26 @@ class Session:
 
 def completion_to_pb(c: Completion) -> pb.Completion:
     msg = pb.Completion(
-        first_token=c.first_token,
+        first_token=c.first_token or 0,
         num_tokens=c.num_tokens,
         has_logprob=c.logprob is not None,
         finished=c.finished,
+        prompt_continues=c.first_token is None,
     )
     if c.logprob is not None:
-        msg.logprob = c.logprob.logprob
+        msg.logprob, msg.rank = c.logprob.logprob, c.logprob.rank or 0
         msg.top_ids.extend(t for t, _ in c.logprob.top)
         msg.top_logprobs.extend(lp for _, lp in c.logprob.top)
+    msg.prompt_logprobs.extend(
+        pb.ScoredToken(
+            token_id=lp.token_id,
+            logprob=lp.logprob,
+            top_ids=[t for t, _ in lp.top],
+            top_logprobs=[v for _, v in lp.top],
+            rank=lp.rank or 0,
+        )
+        for lp in c.prompt_logprobs
+    )
     return msg
 
 

@@ -67,14 +67,27 @@ class KVTransport(ABC):
 
 
 def completion_from_pb(msg: pb.Completion, expected_tokens: int, vocab_size: int) -> Completion:
-    """The peer's completion, checked: the engine takes its first token as is."""
+    """The peer's completion, checked: the engine takes its first token and scores as they are."""
     if msg.num_tokens != expected_tokens:
         raise ChunkError(f"completion covers {msg.num_tokens} tokens, expected {expected_tokens}")
-    if not all(0 <= t < vocab_size for t in (msg.first_token, *msg.top_ids)):
-        raise ChunkError(f"the peer's first token (or a top token) is outside the vocabulary of {vocab_size}")
-    if msg.has_logprob and len(msg.top_ids) != len(msg.top_logprobs):
+    if msg.prompt_continues and (msg.finished or msg.has_logprob):
+        raise ChunkError("the peer's completion has no first token, yet says how it ends or scores it")
+    tops = [(msg.top_ids, msg.top_logprobs)] if msg.has_logprob else []
+    tops += [(s.top_ids, s.top_logprobs) for s in msg.prompt_logprobs]
+    ids = [msg.first_token, *(s.token_id for s in msg.prompt_logprobs), *(t for top, _ in tops for t in top)]
+    if not all(0 <= t < vocab_size for t in ids):
+        raise ChunkError(
+            f"the peer's first token (or a scored token) is outside the vocabulary of {vocab_size}"
+        )
+    if any(len(top) != len(values) for top, values in tops):
         raise ChunkError("the peer's top logprobs do not match its top tokens")
     logprob = None
     if msg.has_logprob:
-        logprob = TokenLogprob(msg.first_token, msg.logprob, tuple(zip(msg.top_ids, msg.top_logprobs)))
-    return Completion(msg.first_token, msg.num_tokens, logprob, msg.finished)
+        top = tuple(zip(msg.top_ids, msg.top_logprobs))
+        logprob = TokenLogprob(msg.first_token, msg.logprob, top, msg.rank or None)
+    prompt = tuple(
+        TokenLogprob(s.token_id, s.logprob, tuple(zip(s.top_ids, s.top_logprobs)), s.rank or None)
+        for s in msg.prompt_logprobs
+    )
+    first = None if msg.prompt_continues else msg.first_token
+    return Completion(first, msg.num_tokens, logprob, msg.finished, prompt)

@@ -100,6 +100,7 @@ class DecodeWorker(ModelWorker):
             ticket.resume,
         )
         try:
+            # The whole prompt's blocks: after a continuation start the student computes the rest here.
             blocks = await self._allocate(
                 blocks_for(ticket.num_prompt_tokens, self.config.block_size), ticket
             )
@@ -113,19 +114,21 @@ class DecodeWorker(ModelWorker):
         except TransferNotFoundError as e:  # expired, or the prefill replica restarted: prefill it again
             raise PeerUnavailableError(f"{e}: the KV is no longer offered") from e
         request.block_table = blocks
-        request.num_computed_tokens = ticket.num_prompt_tokens
+        request.num_computed_tokens = ticket.num_kv_tokens
+        request.prompt_logprobs = list(completion.prompt_logprobs)
         request.mark(RequestStatus.KV_IN_FLIGHT)
         return request, completion
 
     def _receive(self, ticket: TransferTicket, blocks: list[int]) -> tuple[Completion, list[int]]:
-        """The completion and the blocks holding the KV: none when the request ended on its first token
-        (the pull stopped early; the engine finishes it on that token, so its blocks go back now)."""
+        """The completion and the request's blocks, the KV in the first ones: none when the request ended on
+        its first token (the pull stopped early; the engine finishes it on that token, so its blocks go back
+        now)."""
         try:
+            kv_blocks = blocks[: blocks_for(ticket.num_kv_tokens, self.config.block_size)]
             completion, self.last_transfer = self.channel(ticket.address).pull(
-                ticket.transfer_id, blocks, ticket.num_prompt_tokens
+                ticket.transfer_id, kv_blocks, ticket.num_kv_tokens
             )
-            if completion.finished:
-                self._check_finished(ticket, completion)
+            self._check_completion(ticket, completion)
             if self.on_transfer is not None:
                 self.on_transfer(self.last_transfer)
         except BaseException:
@@ -136,17 +139,28 @@ class DecodeWorker(ModelWorker):
             blocks = []
         return completion, blocks
 
-    def _check_finished(self, ticket: TransferTicket, completion: Completion) -> None:
-        """The KV is incomplete: take the peer's word that the request is over only if this engine's own
-        stop rule agrees (the request then never runs here, so it could not decode on without the KV)."""
-        if ticket.resume is None and self.core.output.stops_on(
-            completion.first_token, ticket.params, generated=1
+    def _check_completion(self, ticket: TransferTicket, completion: Completion) -> None:
+        """What the peer says must fit the request: a first token unless its KV stops at the continuation
+        start; as many scored prompt tokens as it asked for; and if the KV is incomplete (finished), this
+        engine's own stop rule must agree that the first token ends the request (it never runs here then)."""
+        fresh = ticket.resume is None
+        continues = ticket.num_kv_tokens < ticket.num_prompt_tokens
+        scored = min(ticket.num_kv_tokens, ticket.num_prompt_tokens - 1)
+        wanted = scored if fresh and ticket.params.prompt_logprobs is not None else 0
+        first, why = completion.first_token, None
+        if (first is None) != continues:
+            why = "a first token" if first is not None else "no first token"
+            why += f" with the KV of {ticket.num_kv_tokens} of {ticket.num_prompt_tokens} prompt tokens"
+        elif len(completion.prompt_logprobs) != wanted:
+            why = f"{len(completion.prompt_logprobs)} scored prompt tokens, expected {wanted}"
+        elif completion.finished and not (
+            fresh and first is not None and self.core.output.stops_on(first, ticket.params, generated=1)
         ):
-            return
-        raise ChunkError(
-            f"transfer {ticket.transfer_id}: the peer says the request finished on its first token "
-            f"{completion.first_token}, which does not stop it"
-        )
+            why = f"finished on its first token {first}, which does not stop it"
+        if why is not None:
+            raise ChunkError(
+                f"transfer {ticket.transfer_id}: the peer's completion does not fit the request: {why}"
+            )
 
     def _discard(self, receive: asyncio.Future) -> None:
         if not receive.cancelled() and receive.exception() is None:
@@ -192,7 +206,9 @@ class DecodeWorker(ModelWorker):
         self._streams[request.request_id] = stream
         # A resumed request's tokens are known (the student recomputes their KV); a new one starts with the
         # teacher's first token, which ends one pulled without KV (finished) before it joins a batch.
-        first = None if request.output_token_ids else SampledToken(completion.first_token, completion.logprob)
+        first = None
+        if not request.output_token_ids and completion.first_token is not None:
+            first = SampledToken(completion.first_token, completion.logprob)
         out = self.core.start_decode(request, first, self.model_name)
         if out is not None:
             self._emit(out)

@@ -47,12 +47,17 @@ class TransferTicket:
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
+    @property
+    def num_kv_tokens(self) -> int:
+        """Prompt tokens whose KV is offered: up to the continuation start, if the request has one."""
+        return self.params.prefill_stop(0, self.num_prompt_tokens)
+
 
 class PrefillWorker(ModelWorker):
     role, model_name = "prefill", "teacher"
 
     def __init__(self, model_dir: str | Path, *, transfer: TransferConfig, **engine: Any) -> None:
-        self._transfer_of: dict[str, tuple[str, int]] = {}  # request id -> (transfer id, prompt length)
+        self._transfer_of: dict[str, tuple[str, int]] = {}  # request id -> (transfer id, KV tokens offered)
         super().__init__(model_dir, self._layer_done if transfer.layerwise else None, **engine)
         self.layout = KVLayout.of_teacher(self.model.spec, self.config.dtype, self.config.block_size)
         self.registry = TransferRegistry(self.core.pool, transfer.lease_seconds, abort_prefill=self.abort)
@@ -89,7 +94,7 @@ class PrefillWorker(ModelWorker):
         transfer_id = self.registry.open(request)
 
         def admit() -> None:
-            self._transfer_of[request.request_id] = (transfer_id, request.num_prompt_tokens)
+            self._transfer_of[request.request_id] = (transfer_id, request.prefill_stop)
             self.core.add(request, self.model_name, decode=None)
 
         self.loop.call(admit)
@@ -109,9 +114,11 @@ class PrefillWorker(ModelWorker):
         request_id: str | None = None,
         resume: Resume | None = None,
     ) -> TransferTicket:
-        """`submit`, except that a request known to end on its first token runs to its end here, the teacher
-        sampling that token as it would for the decode side: no KV transfer, no decode replica."""
-        if params.max_tokens > 1 or resume is not None:
+        """`submit`, except that a request known to end on its first token, or before it (max_tokens=0), runs
+        to its end here, the teacher sampling that token as it would for the decode side: no KV transfer, no
+        decode replica. Not so a request whose prompt the student continues (a continuation start)."""
+        continues = params.prefill_stop(0, len(prompt_token_ids)) < len(prompt_token_ids)
+        if params.max_tokens > 1 or resume is not None or continues:
             return self.submit(prompt_token_ids, params, request_id, resume)
         outputs = tuple([out async for out in self.agenerate(prompt_token_ids, params, request_id)])
         rid = outputs[0].request_id
@@ -144,11 +151,14 @@ class PrefillWorker(ModelWorker):
 
     def _completion(self, done: Prefilled) -> Completion:
         request, first = done.request, done.first_token
+        scores = tuple(request.prompt_logprobs)
+        if request.num_computed_tokens < request.num_prompt_tokens:  # split: the student computes the rest
+            return Completion(None, request.num_computed_tokens, prompt_logprobs=scores)
         if first is None:  # resumed: nothing sampled here; its decode worker continues from its tokens
             return Completion(request.output_token_ids[0], request.num_prompt_tokens)
         # The engine's own stop rule: a first token that ends the request needs no KV on the decode side.
         finished = self.core.output.stops_on(first.token_id, request.params, generated=1)
-        return Completion(first.token_id, request.num_prompt_tokens, first.logprob, finished)
+        return Completion(first.token_id, request.num_prompt_tokens, first.logprob, finished, scores)
 
     def _layer_done(self, batch: Batch, layer: int) -> None:
         # Only a prompt's final chunk makes its KV final; earlier chunks are complete before it runs. On a GPU
