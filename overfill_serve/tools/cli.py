@@ -1,10 +1,12 @@
-"""`overfill-serve` command line: generate, check-pair, prune, fetch-default, client."""
+"""`overfill-serve` command line: generate, check-pair, prune, fetch-default, eval, client, plan."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from overfill_serve.errors import OverfillError
 
@@ -106,6 +108,64 @@ def _fetch_default(args: argparse.Namespace) -> None:
     print(path)
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from overfill_serve.tools import evaluation, plots
+
+    run = evaluation.evaluate_modes(
+        args.url,
+        _names(args.tasks),
+        modes=_names(args.modes),
+        pair=args.pair,
+        include_path=args.include_path or (),
+        limit=args.limit,
+        batch_size=args.batch_size,
+        num_concurrent=args.num_concurrent,
+        num_fewshot=args.num_fewshot,
+        verbose=args.verbose,
+    )
+    print(evaluation.format_table(run))
+    if args.output:
+        print(f"results: {evaluation.write_json(run, args.output, samples=args.log_samples)}")
+    if args.no_plots:
+        return
+    if not plots.available():
+        print(f"plots: {plots.MISSING}")
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    print(f"plots: {evaluation.write_plot(run, args.plot_dir / f'eval-{stamp}.png')}")
+
+
+def _names(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _add_eval_command(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser(
+        "eval",
+        help="lm-eval tasks against a running app, in its overfill, full and pruned modes (extra `eval`)",
+    )
+    ev.add_argument("--tasks", required=True, help="comma-separated lm-eval task names (or tags)")
+    ev.add_argument("--url", default="http://127.0.0.1:8000", help="the app's HTTP address")
+    ev.add_argument("--modes", default="overfill,full,pruned", help="comma-separated: overfill, full, pruned")
+    ev.add_argument("--pair", help="the served pair's name (default: the first model GET /v1/models lists)")
+    ev.add_argument(
+        "--include_path",
+        "--include-path",
+        action="append",
+        help="a directory of task YAMLs (repeatable), e.g. the shipped overfill_serve/tools/eval_tasks",
+    )
+    ev.add_argument("--limit", type=float, help="documents per task (a fraction when below 1)")
+    ev.add_argument("--batch-size", type=int, default=8, help="prompts per request")
+    ev.add_argument("--num-concurrent", type=int, default=1, help="requests in flight at once")
+    ev.add_argument("--num-fewshot", type=int)
+    ev.add_argument("--output", type=Path, help="write the results as JSON here")
+    ev.add_argument("--log-samples", action="store_true", help="put every request's result in --output too")
+    ev.add_argument("--plot-dir", type=Path, default=Path("eval-plots"), help="the PNG goes here")
+    ev.add_argument("--no-plots", action="store_true", help="the table only")
+    ev.add_argument("-v", "--verbose", action="store_true", help="show lm-eval's own log lines")
+    ev.set_defaults(func=_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="overfill-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--force", action="store_true")
     fetch.set_defaults(func=_fetch_default)
 
+    _add_eval_command(sub)
     from overfill_serve.tools.client_cli import add_client_command  # grpc, no torch
 
     add_client_command(sub)
