@@ -29,17 +29,18 @@ LOGIT_BIAS_RANGE = 100.0
 class SamplingParams:
     """How one request samples and when it stops. Validated on construction.
 
-    temperature 0 means greedy. top_k 0 or -1 disables top-k. logprobs=None returns no log-probabilities;
-    logprobs=k returns the chosen token's log-probability plus the k most likely alternatives.
-    min_tokens: until that many tokens are generated, eos and the stop token ids are never sampled and stop
-    strings do not end the request. logit_bias: (token id, bias) pairs added to the logits before sampling
-    (a mapping is accepted and stored sorted).
+        temperature 0 means greedy. top_k 0 or -1 disables top-k. logprobs=None returns no log-probabilities;
+        logprobs=k returns the chosen token's log-probability plus the k most likely alternatives.
+        min_tokens: until that many tokens are generated, eos and the stop token ids are never sampled and stop
+        strings do not end the request. logit_bias: (token id, bias) pairs added to the logits before sampling
+        (a mapping is accepted and stored sorted).
 
-    Scoring: prompt_logprobs=k returns the log-probability of every prompt token after the first (with the k
-    most likely alternatives); max_tokens=0 then scores without generating. continuation_start=c is the
-    OverFill split for scoring a continuation: the prefill model (the teacher) computes the prompt up to token
-    c and scores tokens 1..c, the decode model (the student) computes and scores the rest on that KV, as
-    OverFill generates them. Without it the prefill model computes (and scores) the whole prompt.
+        Scoring: prompt_logprobs=k returns the log-probability of every prompt token after the first (with the k
+        most likely alternatives); max_tokens=0 then scores without generating (without prompt_logprobs it is an
+    error: there would be nothing to return). continuation_start=c is the
+        OverFill split for scoring a continuation: the prefill model (the teacher) computes the prompt up to token
+        c and scores tokens 1..c, the decode model (the student) computes and scores the rest on that KV, as
+        OverFill generates them. Without it the prefill model computes (and scores) the whole prompt.
     """
 
     max_tokens: int = 16
@@ -81,8 +82,10 @@ class SamplingParams:
         for name in FLOAT_FIELDS:  # NaN passes every comparison below
             if not math.isfinite(getattr(self, name)):
                 raise bad(name, "must be a finite number")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
-            raise bad("max_tokens", "must be a non-negative integer")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < (self.prompt_logprobs is None):
+            raise bad(
+                "max_tokens", "must be a positive integer (0 only to score the prompt: with prompt_logprobs)"
+            )
         if self.temperature < 0:
             raise bad("temperature", "must be >= 0")
         if not 0.0 < self.top_p <= 1.0:

@@ -154,6 +154,8 @@ def test_every_field_round_trips():
         skip_special_tokens=False,
         min_tokens=4,
         logit_bias={5: -100.0, 9: 2.5},
+        prompt_logprobs=3,
+        continuation_start=12,
     )
     assert all(getattr(params, f.name) != f.default for f in fields(SamplingParams))
     # What the Python client sends for them is read back as the same params.

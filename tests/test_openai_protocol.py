@@ -83,7 +83,11 @@ BAD_COMPLETION: list[tuple[dict[str, Any], str | None]] = [
     ({"logprobs": 50}, "logprobs"),
     ({"logprobs": -1}, "logprobs"),
     ({"best_of": 3}, "best_of"),
-    ({"echo": True, "logprobs": 1}, "echo"),
+    ({"echo": True, "max_tokens": 0}, "max_tokens"),  # nothing to return without logprobs
+    ({"prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"continuation_start": 0, "prompt_logprobs": 1}, "continuation_start"),
+    ({"continuation_start": 99, "prompt_logprobs": 1}, "continuation_start"),  # past the prompt
+    ({"continuation_start": [1, 1]}, "continuation_start"),  # two for one prompt
     ({"suffix": "x"}, "suffix"),
     ({"logit_bias": {"x": 10}}, "logit_bias"),
     ({"logit_bias": {"-5": 10}}, "logit_bias"),
@@ -98,8 +102,6 @@ BAD_COMPLETION: list[tuple[dict[str, Any], str | None]] = [
     ({"stop_token_ids": [-1]}, "stop_token_ids"),
     ({"include_stop_str_in_output": "yes"}, "include_stop_str_in_output"),
     ({"skip_special_tokens": 0}, "skip_special_tokens"),
-    ({"prompt_logprobs": 0}, "prompt_logprobs"),
-    ({"prompt_logprobs": 1}, "prompt_logprobs"),
     ({"guided_json": {"type": "object"}}, "guided_json"),
     ({"use_beam_search": True}, "use_beam_search"),
     ({"tools": [{"type": "function"}]}, "tools"),
@@ -136,6 +138,8 @@ BAD_CHAT: list[tuple[dict[str, Any], str | None]] = [
     ({"tool_choice": "auto"}, "tool_choice"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"echo": True}, "echo"),
+    ({"prompt_logprobs": 1}, "prompt_logprobs"),
+    ({"continuation_start": 3}, "continuation_start"),
     ({"add_generation_prompt": False}, "add_generation_prompt"),
     ({"chat_template_kwargs": {"enable_thinking": False}}, "chat_template_kwargs"),
     ({"logit_bias": {"1": -101}}, "logit_bias"),

@@ -23,7 +23,15 @@ MODE_TO_PROTO = {Mode.OVERFILL: pb.MODE_OVERFILL, Mode.FULL: pb.MODE_FULL, Mode.
 MODE_FROM_PROTO = {v: k for k, v in MODE_TO_PROTO.items()}
 
 # SamplingOptions fields with proto3 presence: absent means SamplingParams' default.
-_OPTIONAL_INTS = ("max_tokens", "top_k", "seed", "logprobs", "min_tokens")
+_OPTIONAL_INTS = (
+    "max_tokens",
+    "top_k",
+    "seed",
+    "logprobs",
+    "min_tokens",
+    "prompt_logprobs",
+    "continuation_start",
+)
 MAX_REQUEST_ID_LEN = 256
 M = TypeVar("M", bound=Message)
 

@@ -38,6 +38,7 @@ def logprobs_to_proto(logprobs: Iterable[TokenLogprob]) -> list[pb.TokenLogprob]
             token_id=lp.token_id,
             logprob=lp.logprob,
             top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+            rank=lp.rank or 0,
         )
         for lp in logprobs
     ]
@@ -60,6 +61,7 @@ def chunk_to_proto(
         token_ids=list(out.token_ids),
         logprobs=logprobs_to_proto(out.logprobs),
         finish_reason=FINISH_TO_PROTO[out.finish_reason],
+        prompt_logprobs=logprobs_to_proto(out.prompt_logprobs),
     )
     if prompt_tokens is not None:
         chunk.usage.CopyFrom(pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens or 0))
@@ -82,6 +84,7 @@ def response_to_proto(
     e2e_s: float,
     logprobs: Iterable[TokenLogprob] = (),
     stop_reason: str | int | None = None,
+    prompt_logprobs: Iterable[TokenLogprob] = (),
 ) -> pb.GenerateResponse:
     response = pb.GenerateResponse(
         request_id=request_id,
@@ -92,6 +95,7 @@ def response_to_proto(
         served_by=served_by_to_proto(served_by),
         metrics=pb.Metrics(ttft_s=ttft_s, e2e_s=e2e_s),
         logprobs=logprobs_to_proto(logprobs),
+        prompt_logprobs=logprobs_to_proto(prompt_logprobs),
     )
     if isinstance(stop_reason, str):
         response.stop_string = stop_reason
@@ -119,6 +123,7 @@ class GenerationAccumulator:
         self.text_parts: list[str] = []
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: tuple[TokenLogprob, ...] = ()
         self.finish_reason: FinishReason | None = None
         self.ttft_s: float | None = None
         self.e2e_s: float | None = None
@@ -134,6 +139,7 @@ class GenerationAccumulator:
         self.text_parts.append(out.text)
         self.token_ids.extend(out.token_ids)
         self.logprobs.extend(out.logprobs)
+        self.prompt_logprobs = self.prompt_logprobs or out.prompt_logprobs
         if not out.finished:
             return chunk_to_proto(out, request_id=self.request_id)
         self.finish_reason = out.finish_reason
@@ -161,6 +167,7 @@ class GenerationAccumulator:
             e2e_s=e2e,
             logprobs=self.logprobs,
             stop_reason=stop_reason,
+            prompt_logprobs=self.prompt_logprobs,
         )
 
 

@@ -236,8 +236,11 @@ class Ingress:
         self.pools.check(mode)
         prompts, params = prepare_choices(req, self.prompts)
         prompt_tokens = sum(len(p) for p in prompts[:: req.num_choices])  # each prompt once
+        extra = (
+            {"prompt_token_ids": prompts[:: req.num_choices]} if isinstance(req, CompletionRequest) else {}
+        )
         responder = make_responder(
-            req, self._served_by(mode), self.prompts.tokenizer, prompt_tokens=prompt_tokens
+            req, self._served_by(mode), self.prompts.tokenizer, prompt_tokens=prompt_tokens, **extra
         )
         return Job(prompts, params, mode, responder.id), responder, bool(req.stream)
 
@@ -316,6 +319,7 @@ class Ingress:
         prompt = grpc_requests.prompt_from_request(request, self.prompts)
         options = request.sampling if request.HasField("sampling") else None
         params = self.prompts.check_params(grpc_requests.params_from_proto(options))
+        params.check_prompt(len(prompt))
         label = grpc_requests.request_id_of(request)
         acc = grpc_responses.GenerationAccumulator(label, len(prompt), self._served_by(mode))
         return Job([prompt], [params], mode, f"grpc-{uuid.uuid4().hex}"), acc

@@ -10,6 +10,7 @@ may carry a batch of prompts: prompt i's choice j is choice i * n + j). Every in
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -55,7 +56,6 @@ _UNSET: tuple[Any, ...] = (None, False, [], {}, "")
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     name: _UNSET
     for name in (
-        "prompt_logprobs",
         "tools",
         "functions",
         "function_call",
@@ -77,7 +77,17 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 } | {"tool_choice": (*_UNSET, "none"), "modalities": (*_UNSET, ["text"])}
 CHAT_UNSUPPORTED = (
     UNSUPPORTED
-    | {name: _UNSET for name in ("echo", "continue_final_message", "chat_template", "chat_template_kwargs")}
+    | {
+        name: _UNSET
+        for name in (
+            "echo",
+            "prompt_logprobs",  # scoring is a /v1/completions feature here
+            "continuation_start",
+            "continue_final_message",
+            "chat_template",
+            "chat_template_kwargs",
+        )
+    }
     | {"add_generation_prompt": (None, True)}
 )
 
@@ -163,6 +173,10 @@ class CompletionRequest(_Request):
     echo: StrictBool | None = False
     best_of: StrictInt | None = None
     suffix: StrictStr | None = None
+    prompt_logprobs: StrictInt | None = None  # vLLM: score the prompt, k alternatives per token
+    # The OverFill split for scoring (this server's extension): the index of each prompt's first continuation
+    # token; one for all prompts, or a list with one per prompt.
+    continuation_start: StrictInt | list[StrictInt] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> CompletionRequest:
@@ -179,8 +193,12 @@ class CompletionRequest(_Request):
             raise ApiError.invalid(
                 f"logprobs must be in [0, {MAX_COMPLETION_LOGPROBS}], got {self.logprobs}", "logprobs"
             )
-        if self.echo and self.logprobs is not None:
-            raise ApiError.invalid("echo together with logprobs is not supported", "echo")
+        starts = self.continuation_start
+        if isinstance(starts, list) and len(starts) != len(self.prompts):
+            raise ApiError.invalid(
+                f"continuation_start has {len(starts)} entries for {len(self.prompts)} prompts",
+                "continuation_start",
+            )
         if self.best_of is not None and self.best_of != self.num_choices:
             raise ApiError.invalid("best_of is not supported (it must equal n)", "best_of")
         if self.suffix:
@@ -202,6 +220,16 @@ class CompletionRequest(_Request):
     @property
     def num_outputs(self) -> int:
         return len(self.prompts) * self.num_choices
+
+    @property
+    def echo_logprobs(self) -> bool:
+        """Echo with logprobs: the prompt's tokens are scored too, as vLLM does."""
+        return bool(self.echo) and self.logprobs is not None
+
+    def continuation_starts(self) -> list[int | None]:
+        """Each prompt's continuation start."""
+        starts = self.continuation_start
+        return list(starts) if isinstance(starts, list) else [starts] * len(self.prompts)
 
 
 class TextPart(BaseModel):
@@ -270,10 +298,14 @@ def to_sampling_params(
     reproducible. Completions default to max_tokens=16 as in OpenAI; a chat without a limit gets
     `default_max_tokens` (the ingress may pass the room left in the context), else runs to the context limit."""
     fields = {"logprobs": "logprobs"}  # SamplingParams field -> the request parameter it came from
+    scoring: dict[str, Any] = {}
     if isinstance(request, CompletionRequest):
         max_tokens, logprobs = request.max_tokens, request.logprobs
         if max_tokens is None:
             max_tokens = DEFAULT_COMPLETION_MAX_TOKENS
+        wanted = [request.prompt_logprobs, request.logprobs if request.echo_logprobs else None]
+        if any(k is not None for k in wanted):
+            scoring["prompt_logprobs"] = max(k for k in wanted if k is not None)
     else:
         if request.max_completion_tokens is not None:
             max_tokens, fields["max_tokens"] = request.max_completion_tokens, "max_completion_tokens"
@@ -296,6 +328,7 @@ def to_sampling_params(
             min_tokens=request.min_tokens or 0,
             logit_bias=tuple(request.token_bias().items()),
             logprobs=logprobs,
+            **scoring,
             **{k: v for k, v in optional.items() if v is not None},
         )
     except InvalidRequestError as e:
@@ -334,4 +367,11 @@ def prepare_choices(
     ids = encode_prompts(request, prompts)
     room = prompts.max_model_len - len(ids[0])  # the chat default; completions default to 16 tokens
     params = [prompts.check_params(p) for p in choice_sampling_params(request, default_max_tokens=room)]
-    return [p for p in ids for _ in params], params * len(ids)
+    if not isinstance(request, CompletionRequest) or request.continuation_start is None:
+        return [p for p in ids for _ in params], params * len(ids)
+    split = []  # each prompt's choices with its continuation start, checked against its length
+    for prompt, start in zip(ids, request.continuation_starts()):
+        for p in params:
+            split.append(dataclasses.replace(p, continuation_start=start))
+            split[-1].check_prompt(len(prompt))
+    return [p for p in ids for _ in params], split

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import itertools
 import json
 import time
 import uuid
@@ -87,6 +88,7 @@ class ChoiceState:
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
         self.text_offsets: list[int] = []  # character offset of each logprob's token in `text`
+        self.prompt_logprobs: tuple[TokenLogprob, ...] = ()  # prompt tokens 1, 2, ... when scored
         self.finish_reason: str | None = None
 
     @property
@@ -108,6 +110,7 @@ class ChoiceState:
         self.text += step.text
         self.token_ids.extend(step.token_ids)
         self.logprobs.extend(step.logprobs)
+        self.prompt_logprobs = self.prompt_logprobs or step.prompt_logprobs
         if step.finished:
             self.finish_reason = (step.finish_reason or FinishReason.STOP).value
 
@@ -230,44 +233,116 @@ class _Responder(abc.ABC):
 
 
 class CompletionResponder(_Responder):
+    """Echo with logprobs (how lm-eval scores through the API) lists the prompt's tokens first, the first one
+    without a logprob, as vLLM does; streaming, the echo chunk then comes with the choice's first output,
+    which carries the prompt's scores. `prompt_logprobs` (vLLM's extension) adds vLLM's per-token dicts."""
+
     object_name = chunk_object = "text_completion"  # the legacy API streams the same object type
     id_prefix = "cmpl"
     request: CompletionRequest
 
-    def __init__(self, request: CompletionRequest, served_by: ServedBy, tokenizer: Any, **kw: Any) -> None:
+    def __init__(
+        self,
+        request: CompletionRequest,
+        served_by: ServedBy,
+        tokenizer: Any,
+        *,
+        prompt_token_ids: Sequence[Sequence[int]] = (),
+        **kw: Any,
+    ) -> None:
         super().__init__(request, served_by, tokenizer, **kw)
+        self.prompt_ids = list(prompt_token_ids)  # each prompt's token ids: scored echo lists them
         self.echo_texts: list[str] = []  # each prompt's text, when echoed
         if request.echo:
             self.echo_texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in request.prompts]
+        # Choices whose first chunk is still to come: it carries the echo (when scored) / prompt_logprobs.
+        self._echo_pending = set(range(len(self.choices))) if request.echo_logprobs else set()
+        self._scores_pending = set(range(len(self.choices))) if request.prompt_logprobs is not None else set()
+
+    def _prompt_index(self, choice: ChoiceState) -> int:
+        return choice.index // self.request.num_choices  # prompt i's choices are i * n .. i * n + n - 1
 
     def _echo(self, choice: ChoiceState) -> str:
-        """The echoed prompt of a choice: prompt i's choices are i * n .. i * n + n - 1."""
-        return self.echo_texts[choice.index // self.request.num_choices] if self.echo_texts else ""
+        return self.echo_texts[self._prompt_index(choice)] if self.echo_texts else ""
 
     def start(self) -> list[dict[str, Any]]:
-        if not self.echo_texts:
+        if not self.echo_texts or self._echo_pending:
             return []
         return [self._chunk([self._delta(c, self._echo(c), None)]) for c in self.choices]
 
-    def _logprobs(self, choice: ChoiceState, start: int) -> dict[str, Any]:
+    def add(self, index: int, step: StepOutput) -> list[dict[str, Any]]:
+        chunks = super().add(index, step)
+        if index in self._echo_pending:
+            self._echo_pending.discard(index)
+            choice = self.choices[index]
+            echo = _choice(choice, "text", self._echo(choice), self._prompt_entries(choice))
+            chunks.insert(0, self._chunk([echo | {"finish_reason": None}]))
+        if chunks and index in self._scores_pending:  # with the choice's first chunk
+            self._scores_pending.discard(index)
+            chunks[0]["choices"][0]["prompt_logprobs"] = self._vllm_prompt_logprobs(self.choices[index])
+        return chunks
+
+    def _entries(
+        self, logprobs: Sequence[TokenLogprob], offsets: Sequence[int], k: int
+    ) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {
-            k: [] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+            key: [] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")
         }
-        for lp, offset in zip(choice.logprobs[start:], choice.text_offsets[start:]):
+        for lp, offset in zip(logprobs, offsets):
             out["tokens"].append(self.strings.text(lp.token_id))
             out["token_logprobs"].append(_logprob(lp.logprob))
-            # Legacy format: a dict of the alternatives plus the sampled token, keyed by token text.
-            top = {self.strings.text(t): _logprob(v) for t, v in lp.top}
+            # Legacy format: a dict of the alternatives plus the chosen token, keyed by token text.
+            top = {self.strings.text(t): _logprob(v) for t, v in lp.top[:k]}
             top.setdefault(self.strings.text(lp.token_id), _logprob(lp.logprob))
             out["top_logprobs"].append(top)
             out["text_offset"].append(offset)
         return out
 
+    def _logprobs(self, choice: ChoiceState, start: int) -> dict[str, Any]:
+        shift = len(self._echo(choice))  # offsets count from the start of the text, echo included
+        offsets = [o + shift for o in choice.text_offsets[start:]]
+        return self._entries(choice.logprobs[start:], offsets, self.request.logprobs or 0)
+
+    def _prompt_entries(self, choice: ChoiceState) -> dict[str, list[Any]]:
+        """The prompt's tokens as logprobs entries: the first without a logprob (nothing comes before it)."""
+        ids = self.prompt_ids[self._prompt_index(choice)]
+        first = self.strings.text(ids[0])
+        offsets = [0, *itertools.accumulate(len(self.strings.text(t)) for t in ids[:-1])]
+        out = self._entries(choice.prompt_logprobs, offsets[1:], self.request.logprobs or 0)
+        for key, value in (
+            ("tokens", first),
+            ("token_logprobs", None),
+            ("top_logprobs", None),
+            ("text_offset", 0),
+        ):
+            out[key].insert(0, value)
+        return out
+
+    def _vllm_prompt_logprobs(self, choice: ChoiceState) -> list[dict[str, Any] | None]:
+        """vLLM's `prompt_logprobs`: per prompt token, {token id: {logprob, rank, decoded_token}} for the token
+        and its top alternatives; None for the first token."""
+        k = self.request.prompt_logprobs or 0
+        out: list[dict[str, Any] | None] = [None]
+        for lp in choice.prompt_logprobs:
+            entry = {str(t): self._vllm_entry(t, v, rank) for rank, (t, v) in enumerate(lp.top[:k], 1)}
+            entry[str(lp.token_id)] = self._vllm_entry(lp.token_id, lp.logprob, lp.rank)
+            out.append(entry)
+        return out
+
+    def _vllm_entry(self, token_id: int, logprob: float, rank: int | None) -> dict[str, Any]:
+        return {"logprob": _logprob(logprob), "rank": rank, "decoded_token": self.strings.text(token_id)}
+
     def _delta(self, choice: ChoiceState, text: str, logprobs: dict[str, Any] | None) -> dict[str, Any]:
         return _choice(choice, "text", text, logprobs)
 
     def _final(self, choice: ChoiceState, logprobs: dict[str, Any] | None) -> dict[str, Any]:
-        return self._delta(choice, self._echo(choice) + choice.text, logprobs)
+        if logprobs is not None and self.request.echo_logprobs:
+            prompt = self._prompt_entries(choice)
+            logprobs = {key: prompt[key] + logprobs[key] for key in prompt}
+        out = self._delta(choice, self._echo(choice) + choice.text, logprobs)
+        if self.request.prompt_logprobs is not None:
+            out["prompt_logprobs"] = self._vllm_prompt_logprobs(choice)
+        return out
 
 
 class ChatResponder(_Responder):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aoverfill/v1/generate.proto\x12\x0boverfill.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\".\n\x04\x43hat\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.overfill.v1.Message\"\xd2\x05\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\x05H\t\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x0e \x01(\x08\x12 \n\x13skip_special_tokens\x18\x0f \x01(\x08H\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x10 \x01(\x05H\x0b\x88\x01\x01\x12?\n\nlogit_bias\x18\x11 \x03(\x0b\x32+.overfill.v1.SamplingOptions.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\r\n\x0b_min_tokens\"\x82\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1f\n\x04mode\x18\x02 \x01(\x0e\x32\x11.overfill.v1.Mode\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x15.overfill.v1.TokenIdsH\x00\x12!\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x11.overfill.v1.ChatH\x00\x12.\n\x08sampling\x18\x06 \x01(\x0b\x32\x1c.overfill.v1.SamplingOptions\x12\x17\n\nrequest_id\x18\x07 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06promptB\r\n\x0b_request_id\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.overfill.v1.TopLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"X\n\x08ServedBy\x12\x1f\n\x04mode\x18\x01 \x01(\x0e\x32\x11.overfill.v1.Mode\x12\x15\n\rprefill_model\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65\x63ode_model\x18\x03 \x01(\t\"(\n\x07Metrics\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x02 \x01(\x01\"\xd9\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.overfill.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.overfill.v1.Usage\x12(\n\tserved_by\x18\x06 \x01(\x0b\x32\x15.overfill.v1.ServedBy\x12%\n\x07metrics\x18\x07 \x01(\x0b\x32\x14.overfill.v1.Metrics\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.overfill.v1.TokenLogprob\x12\x15\n\x0bstop_string\x18\t \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\n \x01(\x05H\x00\x42\r\n\x0bstop_reason\"\x97\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.overfill.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.overfill.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.overfill.v1.Usage\x12(\n\tserved_by\x18\x07 \x01(\x0b\x32\x15.overfill.v1.ServedBy\x12%\n\x07metrics\x18\x08 \x01(\x0b\x32\x14.overfill.v1.Metrics\"\x13\n\x11ListModelsRequest\"a\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1f\n\x04mode\x18\x02 \x01(\x0e\x32\x11.overfill.v1.Mode\x12\x15\n\rprefill_model\x18\x03 \x01(\t\x12\x14\n\x0c\x64\x65\x63ode_model\x18\x04 \x01(\t\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.overfill.v1.Model*O\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x11\n\rMODE_OVERFILL\x10\x01\x12\r\n\tMODE_FULL\x10\x02\x12\x0f\n\x0bMODE_PRUNED\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xf0\x01\n\x08Generate\x12G\n\x08Generate\x12\x1c.overfill.v1.GenerateRequest\x1a\x1d.overfill.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.overfill.v1.GenerateRequest\x1a\x1a.overfill.v1.GenerateChunk0\x01\x12M\n\nListModels\x12\x1e.overfill.v1.ListModelsRequest\x1a\x1f.overfill.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aoverfill/v1/generate.proto\x12\x0boverfill.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\".\n\x04\x43hat\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.overfill.v1.Message\"\xbc\x06\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\x05H\t\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x0e \x01(\x08\x12 \n\x13skip_special_tokens\x18\x0f \x01(\x08H\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x10 \x01(\x05H\x0b\x88\x01\x01\x12?\n\nlogit_bias\x18\x11 \x03(\x0b\x32+.overfill.v1.SamplingOptions.LogitBiasEntry\x12\x1c\n\x0fprompt_logprobs\x18\x12 \x01(\x05H\x0c\x88\x01\x01\x12\x1f\n\x12\x63ontinuation_start\x18\x13 \x01(\x05H\r\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\r\n\x0b_min_tokensB\x12\n\x10_prompt_logprobsB\x15\n\x13_continuation_start\"\x82\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1f\n\x04mode\x18\x02 \x01(\x0e\x32\x11.overfill.v1.Mode\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x15.overfill.v1.TokenIdsH\x00\x12!\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x11.overfill.v1.ChatH\x00\x12.\n\x08sampling\x18\x06 \x01(\x0b\x32\x1c.overfill.v1.SamplingOptions\x12\x17\n\nrequest_id\x18\x07 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06promptB\r\n\x0b_request_id\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"e\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.overfill.v1.TopLogprob\x12\x0c\n\x04rank\x18\x04 \x01(\r\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"X\n\x08ServedBy\x12\x1f\n\x04mode\x18\x01 \x01(\x0e\x32\x11.overfill.v1.Mode\x12\x15\n\rprefill_model\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65\x63ode_model\x18\x03 \x01(\t\"(\n\x07Metrics\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x02 \x01(\x01\"\x8d\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.overfill.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.overfill.v1.Usage\x12(\n\tserved_by\x18\x06 \x01(\x0b\x32\x15.overfill.v1.ServedBy\x12%\n\x07metrics\x18\x07 \x01(\x0b\x32\x14.overfill.v1.Metrics\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.overfill.v1.TokenLogprob\x12\x15\n\x0bstop_string\x18\t \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\n \x01(\x05H\x00\x12\x32\n\x0fprompt_logprobs\x18\x0b \x03(\x0b\x32\x19.overfill.v1.TokenLogprobB\r\n\x0bstop_reason\"\xcb\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.overfill.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.overfill.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.overfill.v1.Usage\x12(\n\tserved_by\x18\x07 \x01(\x0b\x32\x15.overfill.v1.ServedBy\x12%\n\x07metrics\x18\x08 \x01(\x0b\x32\x14.overfill.v1.Metrics\x12\x32\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x19.overfill.v1.TokenLogprob\"\x13\n\x11ListModelsRequest\"a\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1f\n\x04mode\x18\x02 \x01(\x0e\x32\x11.overfill.v1.Mode\x12\x15\n\rprefill_model\x18\x03 \x01(\t\x12\x14\n\x0c\x64\x65\x63ode_model\x18\x04 \x01(\t\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.overfill.v1.Model*O\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x11\n\rMODE_OVERFILL\x10\x01\x12\r\n\tMODE_FULL\x10\x02\x12\x0f\n\x0bMODE_PRUNED\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xf0\x01\n\x08Generate\x12G\n\x08Generate\x12\x1c.overfill.v1.GenerateRequest\x1a\x1d.overfill.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.overfill.v1.GenerateRequest\x1a\x1a.overfill.v1.GenerateChunk0\x01\x12M\n\nListModels\x12\x1e.overfill.v1.ListModelsRequest\x1a\x1f.overfill.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_MODE']._serialized_start=2281
-  _globals['_MODE']._serialized_end=2360
-  _globals['_FINISHREASON']._serialized_start=2362
-  _globals['_FINISHREASON']._serialized_end=2482
+  _globals['_MODE']._serialized_start=2505
+  _globals['_MODE']._serialized_end=2584
+  _globals['_FINISHREASON']._serialized_start=2586
+  _globals['_FINISHREASON']._serialized_end=2706
   _globals['_TOKENIDS']._serialized_start=43
   _globals['_TOKENIDS']._serialized_end=66
   _globals['_MESSAGE']._serialized_start=68
@@ -44,31 +44,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHAT']._serialized_start=110
   _globals['_CHAT']._serialized_end=156
   _globals['_SAMPLINGOPTIONS']._serialized_start=159
-  _globals['_SAMPLINGOPTIONS']._serialized_end=881
-  _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_start=645
-  _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_end=693
-  _globals['_GENERATEREQUEST']._serialized_start=884
-  _globals['_GENERATEREQUEST']._serialized_end=1142
-  _globals['_TOPLOGPROB']._serialized_start=1144
-  _globals['_TOPLOGPROB']._serialized_end=1191
-  _globals['_TOKENLOGPROB']._serialized_start=1193
-  _globals['_TOKENLOGPROB']._serialized_end=1280
-  _globals['_USAGE']._serialized_start=1282
-  _globals['_USAGE']._serialized_end=1339
-  _globals['_SERVEDBY']._serialized_start=1341
-  _globals['_SERVEDBY']._serialized_end=1429
-  _globals['_METRICS']._serialized_start=1431
-  _globals['_METRICS']._serialized_end=1471
-  _globals['_GENERATERESPONSE']._serialized_start=1474
-  _globals['_GENERATERESPONSE']._serialized_end=1819
-  _globals['_GENERATECHUNK']._serialized_start=1822
-  _globals['_GENERATECHUNK']._serialized_end=2101
-  _globals['_LISTMODELSREQUEST']._serialized_start=2103
-  _globals['_LISTMODELSREQUEST']._serialized_end=2122
-  _globals['_MODEL']._serialized_start=2124
-  _globals['_MODEL']._serialized_end=2221
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2223
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2279
-  _globals['_GENERATE']._serialized_start=2485
-  _globals['_GENERATE']._serialized_end=2725
+  _globals['_SAMPLINGOPTIONS']._serialized_end=987
+  _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_start=708
+  _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_end=756
+  _globals['_GENERATEREQUEST']._serialized_start=990
+  _globals['_GENERATEREQUEST']._serialized_end=1248
+  _globals['_TOPLOGPROB']._serialized_start=1250
+  _globals['_TOPLOGPROB']._serialized_end=1297
+  _globals['_TOKENLOGPROB']._serialized_start=1299
+  _globals['_TOKENLOGPROB']._serialized_end=1400
+  _globals['_USAGE']._serialized_start=1402
+  _globals['_USAGE']._serialized_end=1459
+  _globals['_SERVEDBY']._serialized_start=1461
+  _globals['_SERVEDBY']._serialized_end=1549
+  _globals['_METRICS']._serialized_start=1551
+  _globals['_METRICS']._serialized_end=1591
+  _globals['_GENERATERESPONSE']._serialized_start=1594
+  _globals['_GENERATERESPONSE']._serialized_end=1991
+  _globals['_GENERATECHUNK']._serialized_start=1994
+  _globals['_GENERATECHUNK']._serialized_end=2325
+  _globals['_LISTMODELSREQUEST']._serialized_start=2327
+  _globals['_LISTMODELSREQUEST']._serialized_end=2346
+  _globals['_MODEL']._serialized_start=2348
+  _globals['_MODEL']._serialized_end=2445
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2447
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2503
+  _globals['_GENERATE']._serialized_start=2709
+  _globals['_GENERATE']._serialized_end=2949
 # @@protoc_insertion_point(module_scope)
