@@ -95,7 +95,7 @@ class EngineCore:
     ) -> StepOutput | None:
         """A request whose prompt KV is in the pool: see `DecodeEngine.add`. KV up to a continuation start
         only: the decode model computes the rest of the prompt first."""
-        if request.num_computed_tokens < request.num_prompt_tokens:
+        if request.prompt_continues:
             self._routes[request.request_id] = Route(None, decode)
             self.prefill[decode].add(request)
             return None
@@ -133,7 +133,7 @@ class EngineCore:
                 if route.decode is None:  # the caller takes it from here
                     del self._routes[done.request.request_id]
                     prefilled.append(done)
-                elif done.request.num_computed_tokens < done.request.num_prompt_tokens:
+                elif done.request.prompt_continues:
                     self.prefill[route.decode].add(done.request, front=True)  # the rest of the prompt
                 elif (out := self.decode[route.decode].add(done.request, done.first_token)) is not None:
                     outputs.append(out)

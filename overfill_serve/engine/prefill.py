@@ -104,7 +104,7 @@ class PrefillEngine(StageEngine):
 
     def _postprocess(self, batch: Batch, logits: torch.Tensor) -> StepResult:
         by_id = {r.request_id: r for r in self.running}
-        first = self._sample(batch, logits, by_id)
+        first = self._score_and_sample(batch, logits, by_id)
         prefilled, outputs = [], []
         for seq in batch.seqs:
             request = by_id[seq.request_id]
@@ -123,7 +123,7 @@ class PrefillEngine(StageEngine):
             prefilled.append(Prefilled(request, first.get(request.request_id)))
         return StepResult(outputs=tuple(outputs), prefilled=tuple(prefilled))
 
-    def _sample(
+    def _score_and_sample(
         self, batch: Batch, logits: torch.Tensor, by_id: dict[str, Request]
     ) -> dict[str, SampledToken]:
         """Score the prompt tokens of the sequences that want it, then sample the first tokens: request id ->
@@ -133,10 +133,9 @@ class PrefillEngine(StageEngine):
         row = 0
         for seq in batch.seqs:
             request = by_id[seq.request_id]
-            if seq.all_logits:
-                # Up to the prompt's last token; what is scored already (before a re-run) is not again.
-                first_pos = max(seq.start, len(request.prompt_logprobs))
-                for pos in range(first_pos, min(seq.context_len, request.num_prompt_tokens - 1)):
+            if seq.all_logits:  # every position up to the prompt's last scores the token after it
+                assert len(request.prompt_logprobs) == seq.start, "scores are appended in prompt order"
+                for pos in range(seq.start, min(seq.context_len, request.num_prompt_tokens - 1)):
                     rows.append(row + pos - seq.start)
                     targets.append(request.prompt_token_ids[pos + 1])
                     scored.append(request)

@@ -152,7 +152,7 @@ class PrefillWorker(ModelWorker):
     def _completion(self, done: Prefilled) -> Completion:
         request, first = done.request, done.first_token
         scores = tuple(request.prompt_logprobs)
-        if request.num_computed_tokens < request.num_prompt_tokens:  # split: the student computes the rest
+        if request.prompt_continues:  # split: the student computes the rest
             return Completion(None, request.num_computed_tokens, prompt_logprobs=scores)
         if first is None:  # resumed: nothing sampled here; its decode worker continues from its tokens
             return Completion(request.output_token_ids[0], request.num_prompt_tokens)
