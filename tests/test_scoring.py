@@ -84,12 +84,14 @@ def test_scores_match_transformers_reference(pairs, kind, engine):
 def test_split_is_checked_against_the_prompt(width_pair):
     llm = LLM(width_pair.teacher, width_pair.student, num_kv_blocks=32, block_size=4)
     with pytest.raises(InvalidRequestError, match="continuation_start 9 is past the prompt's 8 tokens"):
-        llm.generate([list(range(8))], SamplingParams(max_tokens=0, continuation_start=9))
+        llm.generate([list(range(8))], SamplingParams(max_tokens=0, prompt_logprobs=0, continuation_start=9))
     with pytest.raises(InvalidRequestError, match="continuation_start") as e:
         SamplingParams(continuation_start=0)
     assert e.value.field == "continuation_start"
     with pytest.raises(InvalidRequestError, match="prompt_logprobs must be in"):
         SamplingParams(prompt_logprobs=21)
+    with pytest.raises(InvalidRequestError, match="0 only to score the prompt"):
+        SamplingParams(max_tokens=0)  # nothing to return
     assert llm.core.pool.num_free == llm.core.pool.num_blocks
 
 
