@@ -114,7 +114,6 @@ ENGINES = {
 }
 
 
-
 @pytest.fixture(scope="session")
 def pairs(tmp_path_factory) -> dict[str, Pair]:
     return {kind: _make_pair(tmp_path_factory, kind) for kind in PAIR_KINDS}

@@ -12,9 +12,11 @@ from openai.types.chat import ChatCompletionChunk
 from test_openai_api import SERVED, steps_for
 from test_openai_protocol import PAIR, chat_body, completion_body
 
+from overfill_serve.engine.output_processor import StepOutput
 from overfill_serve.errors import ModelNotFoundError
 from overfill_serve.model.random_model import make_tokenizer
 from overfill_serve.prompt import PromptEncoder
+from overfill_serve.request import FinishReason, TokenLogprob
 from overfill_serve.serve.openai_errors import ApiError, from_exception
 from overfill_serve.serve.openai_requests import ChatCompletionRequest, CompletionRequest, parse_request
 from overfill_serve.serve.openai_responses import make_responder, model_entry
@@ -126,3 +128,22 @@ def test_continuous_usage_stats_put_usage_on_every_chunk(tok, include_usage):
     assert counts[0] == 0 and counts == sorted(counts) and counts[-1] == len(steps)
     assert (parsed[-1].choices == []) == include_usage  # the final usage chunk only with include_usage
     assert all(p.usage.total_tokens == 6 + p.usage.completion_tokens for p in parsed if p.usage)
+
+
+def test_scored_echo_offsets_point_into_the_echoed_text(tok):
+    """Echo with logprobs lists the prompt's tokens with offsets in the echoed text: increasing, and a token
+    that ends inside a character (byte-level BPE) points where that character starts, never past the text."""
+    text = "café ☕ naïve"
+    ids = tok(text)["input_ids"]
+    req = parse_request(CompletionRequest, completion_body(prompt=ids, echo=True, logprobs=1, max_tokens=0))
+    r = make_responder(req, SERVED, tok, prompt_tokens=len(ids), prompt_token_ids=[ids])
+    scores = tuple(TokenLogprob(t, -1.0, ((t, -1.0),), 1) for t in ids[1:])
+    r.add(0, StepOutput("r", (), "", True, FinishReason.LENGTH, prompt_logprobs=scores))
+    choice = r.response()["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == text and lp["token_logprobs"] == [None] + [-1.0] * (len(ids) - 1)
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][-1] < len(text)
+    for token, offset in zip(lp["tokens"], lp["text_offset"]):
+        if not token.startswith("bytes:"):
+            assert text[offset:].startswith(token)
+    assert [text[o] for o in lp["text_offset"][3:5]] == ["é", "é"]  # the two bytes of "é"

@@ -18,7 +18,6 @@ PROMPTS = [
 MAX_TOKENS = 12
 
 
-
 def _check(outputs, references, kept=None):
     for out, (ref_tokens, ref_logits) in zip(outputs, references):
         assert out.token_ids == ref_tokens

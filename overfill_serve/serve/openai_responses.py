@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import itertools
+import codecs
 import json
 import time
 import uuid
@@ -307,7 +307,12 @@ class CompletionResponder(_Responder):
         """The prompt's tokens as logprobs entries: the first without a logprob (nothing comes before it)."""
         ids = self.prompt_ids[self._prompt_index(choice)]
         first = self.strings.text(ids[0])
-        offsets = [0, *itertools.accumulate(len(self.strings.text(t)) for t in ids[:-1])]
+        # Each token's offset in the decoded prompt: its bytes decoded incrementally, so a token ending inside
+        # a character counts only once the character is complete (offsets never run past the text).
+        utf8, offsets, at = codecs.getincrementaldecoder("utf-8")("replace"), [], 0
+        for t in ids:
+            offsets.append(at)
+            at += len(utf8.decode(bytes(self.strings(t)[1])))
         out = self._entries(choice.prompt_logprobs, offsets[1:], self.request.logprobs or 0)
         for key, value in (
             ("tokens", first),
