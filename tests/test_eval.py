@@ -167,19 +167,22 @@ def test_identity_pair_modes_score_alike(served) -> None:
     assert len(set(accs.values())) == 1, accs
 
 
-def test_plain_local_completions_scores_on_the_teacher(served, cli_run) -> None:
-    """lm-eval unchanged (its own `local-completions`, batched, a local tokenizer): no continuation_start, so
-    the pair's OverFill name scores every token on the teacher."""
+@pytest.mark.parametrize("tokenizer", ["local", "remote"])
+def test_plain_local_completions_scores_on_the_teacher(served, cli_run, tokenizer) -> None:
+    """lm-eval unchanged (its own `local-completions`, batched; the tokenizer read locally or through the
+    server's /tokenizer_info, /tokenize, /detokenize): no continuation_start, so the pair's OverFill name
+    scores every token on the teacher."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    where = (
+        {"tokenizer": str(served["width"].teacher)}
+        if tokenizer == "local"
+        else {"tokenizer_backend": "remote"}
+    )
     output = simple_evaluate(
         model="local-completions",
-        model_args={
-            "base_url": f"{URL}/v1/completions",
-            "model": WIDTH,
-            "tokenizer": str(served["width"].teacher),
-        },
+        model_args={"base_url": f"{URL}/v1/completions", "model": WIDTH, **where},
         tasks=[MC],
         batch_size=4,
         limit=LIMIT,

@@ -47,8 +47,8 @@ def answer(prompt: str, model: str) -> str:
 
 
 class StandIn(BaseHTTPRequestHandler):
-    """Character tokens (id = code point); /tokenize, /detokenize, /v1/models and /v1/completions as the app
-    answers them. Every completion body is kept in `bodies`."""
+    """Character tokens (id = code point); /tokenizer_info, /tokenize, /detokenize, /v1/models and
+    /v1/completions as the app answers them. Every completion body is kept in `bodies`."""
 
     bodies: list[dict[str, Any]] = []
 
@@ -64,6 +64,8 @@ class StandIn(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self) -> None:
+        if self.path == "/tokenizer_info":
+            return self._json({"eos_token": "\n", "bos_token": None, "model_max_length": 512})
         if self.path != "/v1/models":
             return self._json({"error": {"message": "not found"}}, 404)
         self._json({"object": "list", "data": [{"id": m} for m in SCALE]})

@@ -20,7 +20,7 @@ from overfill_serve.request import FinishReason, TokenLogprob
 from overfill_serve.serve.openai_errors import ApiError, from_exception
 from overfill_serve.serve.openai_requests import ChatCompletionRequest, CompletionRequest, parse_request
 from overfill_serve.serve.openai_responses import make_responder, model_entry
-from overfill_serve.serve.openai_tokenize import detokenize, tokenize
+from overfill_serve.serve.openai_tokenize import detokenize, tokenize, tokenizer_info
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +147,11 @@ def test_scored_echo_offsets_point_into_the_echoed_text(tok):
         if not token.startswith("bytes:"):
             assert text[offset:].startswith(token)
     assert [text[o] for o in lp["text_offset"][3:5]] == ["é", "é"]  # the two bytes of "é"
+
+
+def test_tokenizer_info_describes_the_served_tokenizer(encoder):
+    info = tokenizer_info(encoder)
+    tok = encoder.tokenizer
+    assert info["eos_token"] == tok.eos_token and info["bos_token"] == tok.bos_token
+    assert info["chat_template"] == tok.chat_template and info["model_max_length"] == encoder.max_model_len
+    json.dumps(info)  # a JSON body

@@ -175,3 +175,17 @@ def test_grpc_scores_with_the_split(served, offline):
     assert [lp.rank for lp in out.prompt_logprobs] == [s.rank for s in ref.prompt_logprobs[1:]]
     assert out.token_ids == [] and e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.field == "continuation_start"
+
+
+def test_lm_eval_remote_tokenizer_works_against_the_app(served):
+    """lm-eval's `tokenizer_backend=remote` needs /tokenizer_info, /tokenize and /detokenize, vLLM's shapes."""
+    utils = pytest.importorskip("lm_eval.utils")
+    from overfill_serve.tokenizer import load_tokenizer
+
+    local = load_tokenizer(served.teacher)
+    remote = utils.RemoteTokenizer(f"http://127.0.0.1:{HTTP_PORT}/v1/completions")
+    assert utils.check_remote_tokenizer_support(f"http://127.0.0.1:{HTTP_PORT}/v1/completions")
+    text = "The quick brown fox"
+    ids = local(text, add_special_tokens=False)["input_ids"]
+    assert remote.encode(text) == ids and remote.decode(ids) == local.decode(ids)
+    assert remote.eos_token == local.eos_token and remote.eos_token_id == local.eos_token_id

@@ -52,7 +52,7 @@ from overfill_serve.serve.openai_responses import (
     model_entry,
     model_list,
 )
-from overfill_serve.serve.openai_tokenize import detokenize, tokenize
+from overfill_serve.serve.openai_tokenize import detokenize, tokenize, tokenizer_info
 from overfill_serve.serve.pool_monitor import PoolMonitor
 from overfill_serve.serve.served_by import ServedBy
 from overfill_serve.transfer.control import TransferControl
@@ -176,6 +176,14 @@ class Ingress:
     @app.post("/detokenize")
     async def detokenize(self, request: Request) -> Any:
         return await self._tokenizer_call(request, detokenize)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(self, request: Request) -> Any:
+        try:
+            self._check_http_key(request)
+            return tokenizer_info(self.prompts)
+        except Exception as e:
+            return _error_response(from_exception(e))
 
     @app.get("/version")
     async def version(self) -> Any:

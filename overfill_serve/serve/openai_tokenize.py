@@ -4,6 +4,9 @@ Pure protocol code (no Ray, no HTTP framework). `/tokenize` takes `{model?, prom
 `{model?, messages, add_generation_prompt?, add_special_tokens?}` and answers `{count, max_model_len,
 tokens}`; a text longer than the context is still counted (this is how clients measure one). `/detokenize`
 takes `{model?, tokens}` and answers `{prompt}`. A `model`, when given, must be one this app serves (404).
+`GET /tokenizer_info` describes the tokenizer (its class, special tokens, chat template, context limit) as
+vLLM does: with these three, clients such as lm-eval (`tokenizer_backend=remote`) tokenize through the
+server and need no local copy of it.
 """
 
 from __future__ import annotations
@@ -64,3 +67,15 @@ def detokenize(body: bytes, prompts: PromptEncoder, pair_name: str) -> dict[str,
             f"token id {bad[0]} is outside the vocabulary [0, {prompts.vocab_size})", "tokens"
         )
     return {"prompt": prompts.tokenizer.decode(request.tokens)}
+
+
+def tokenizer_info(prompts: PromptEncoder) -> dict[str, Any]:
+    """The body of a `/tokenizer_info` answer."""
+    tok = prompts.tokenizer
+    special = ("bos_token", "eos_token", "pad_token", "unk_token")
+    return {
+        "tokenizer_class": type(tok).__name__,
+        **{name: getattr(tok, name, None) for name in special},
+        "chat_template": getattr(tok, "chat_template", None),
+        "model_max_length": prompts.max_model_len,
+    }

@@ -134,7 +134,6 @@ def evaluate_modes(
 
     from overfill_serve.tools.client import HTTPClient
     from overfill_serve.tools.lm_eval_model import COMPLETIONS_PATH, OverfillCompletions, server_root
-    from overfill_serve.tools.server_tokenizer import ServerTokenizer
 
     logging.getLogger("lm_eval").setLevel(logging.INFO if verbose else logging.ERROR)
     root = server_root(url)
@@ -142,7 +141,6 @@ def evaluate_modes(
     client = HTTPClient(root)
     pair = pair or client.default_model()
     names = [model_name(pair, m) for m in modes]  # unknown modes fail here, before any work
-    shared = ServerTokenizer(client)  # one tokenization of each text for every mode
     manager = task_manager(tasks, include_path)
     run = EvalRun(root, pair, list(tasks))
     for i, (mode, name) in enumerate(zip(modes, names), 1):
@@ -153,7 +151,6 @@ def evaluate_modes(
             model=name,
             batch_size=batch_size,
             num_concurrent=num_concurrent,
-            server_tokenizer=shared,
         )
         output = simple_evaluate(
             model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot

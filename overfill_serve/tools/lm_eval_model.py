@@ -8,8 +8,8 @@ a batch). In OverFill mode the server then scores the context and the first cont
 teacher and the rest of the continuation on the student decoding on the teacher's KV, the distribution
 OverFill samples from; `<pair>:full` and `<pair>:pruned` score everything on one model either way.
 
-Tokenization: the server's own (`ServerTokenizer`, over `/tokenize`), unless `tokenizer=<local dir>` is
-given, which takes lm-eval's Hugging Face path. The context length defaults to the server's `max_model_len`.
+Tokenization: the server's own (lm-eval's remote tokenizer), unless `tokenizer=<local dir>` is given, which
+takes lm-eval's Hugging Face path. The context length defaults to the server's `max_model_len`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from lm_eval.models.openai_completions import LocalCompletionsAPI
 
 from overfill_serve.errors import InvalidRequestError
 from overfill_serve.tools.client import HTTPClient, api_error
-from overfill_serve.tools.server_tokenizer import ServerTokenizer
 
 MODEL_NAME = "overfill-completions"
 COMPLETIONS_PATH = "/v1/completions"
@@ -36,55 +35,18 @@ def server_root(completions_url: str) -> str:
 
 @register_model(MODEL_NAME)
 class OverfillCompletions(LocalCompletionsAPI):
-    """`server_tokenizer`: one `ServerTokenizer` shared by several instances (one per mode), so each text is
-    tokenized once; by default one of its own."""
-
-    def __init__(
-        self,
-        base_url: str | None = None,
-        tokenizer: str | None = None,
-        server_tokenizer: ServerTokenizer | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, base_url: str | None = None, tokenizer: str | None = None, **kwargs: Any) -> None:
         if not base_url:
             raise InvalidRequestError("base_url is required (http://host:port/v1/completions)", "base_url")
         own_max_length = "max_length" not in kwargs
-        if tokenizer is not None:  # a local tokenizer directory: lm-eval's own Hugging Face path
-            super().__init__(
-                base_url=base_url, tokenizer=tokenizer, tokenizer_backend="huggingface", **kwargs
-            )
-        else:
-            super().__init__(base_url=base_url, tokenizer_backend=None, **kwargs)
-            # TemplateAPI's "remote" branches fit the served tokenizer; its RemoteTokenizer needs an endpoint
-            # (/tokenizer_info) this server lacks, so ours is set in after the constructor.
-            self.tokenizer = server_tokenizer or ServerTokenizer(
-                HTTPClient(server_root(base_url), api_key=self.api_key or None, timeout=self.timeout),
-                add_special_tokens=self.add_bos_token,
-                eos_token=self._eos_string,
-            )
-            self.tokenizer_backend = "remote"
-            self.tokenized_requests = True
+        # A local tokenizer directory takes lm-eval's Hugging Face path; without one, lm-eval's "remote"
+        # backend uses the server's (vLLM's /tokenizer_info, /tokenize and /detokenize).
+        backend = "remote" if tokenizer is None else "huggingface"
+        super().__init__(base_url=base_url, tokenizer=tokenizer, tokenizer_backend=backend, **kwargs)
         self._scored: tuple[list[list[int]], list[int]] | None = None
         if own_max_length:
-            self.max_length = self._server_max_model_len(base_url) - 1  # as TemplateAPI: 1 token generated
-
-    def _server_max_model_len(self, base_url: str) -> int:
-        if isinstance(self.tokenizer, ServerTokenizer):
-            return self.tokenizer.max_model_len
-        client = HTTPClient(server_root(base_url), api_key=self.api_key or None, timeout=self.timeout)
-        return int(client.tokenize("")["max_model_len"])
-
-    @property
-    def prefix_token_id(self) -> int:
-        """The token an empty context is replaced by; unknown to the served tokenizer without help."""
-        token = super().prefix_token_id
-        if token is None:
-            raise InvalidRequestError(
-                "a request with an empty context needs a prefix token: pass custom_prefix_token_id=<id> or "
-                "eos_string=<the eos token>, or tokenizer=<local tokenizer dir>",
-                "custom_prefix_token_id",
-            )
-        return int(token)
+            client = HTTPClient(server_root(base_url), api_key=self.api_key or None, timeout=self.timeout)
+            self.max_length = int(client.tokenize("")["max_model_len"]) - 1  # as TemplateAPI: 1 generated
 
     def batch_loglikelihood_requests(self, chunks: Any) -> tuple[list[list[int]], list[int], list[Any]]:
         inputs, ctxlens, cache_keys = super().batch_loglikelihood_requests(chunks)
