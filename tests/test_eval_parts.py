@@ -51,6 +51,7 @@ class StandIn(BaseHTTPRequestHandler):
     /v1/completions as the app answers them. Every completion body is kept in `bodies`."""
 
     bodies: list[dict[str, Any]] = []
+    tokenized: list[str] = []  # every text /tokenize was asked for
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -73,6 +74,7 @@ class StandIn(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if self.path == "/tokenize":
+            self.tokenized.append(body["prompt"])
             tokens = [ord(c) for c in body["prompt"]]
             return self._json({"count": len(tokens), "max_model_len": 512, "tokens": tokens})
         if self.path == "/detokenize":
@@ -112,10 +114,13 @@ def context_length(ids: list[int]) -> int:
 @pytest.mark.parametrize("concurrent", [1, 2], ids=["sequential", "concurrent"])  # two code paths in lm-eval
 def test_eval_sends_each_context_length_and_reads_the_scores_back(url: str, concurrent: int) -> None:
     StandIn.bodies.clear()
+    StandIn.tokenized.clear()
     run = evaluation.evaluate_modes(
         url, ["overfill_tiny_mc"], limit=5, batch_size=3, num_concurrent=concurrent, log=lambda _: None
     )
     assert run.pair == PAIR and list(run.outputs) == ["overfill", "full", "pruned"]
+    texts = [t for t in StandIn.tokenized if t]  # ("" is how each mode reads the server's max_model_len)
+    assert len(texts) == len(set(texts))  # each text once, for all three modes
     scoring = [b for b in StandIn.bodies if b.get("echo")]
     assert len(scoring) == 3 * 7  # 5 documents x 4 choices in batches of 3, per mode
     for body in scoring:

@@ -143,6 +143,7 @@ def evaluate_modes(
     names = [model_name(pair, m) for m in modes]  # unknown modes fail here, before any work
     manager = task_manager(tasks, include_path)
     run = EvalRun(root, pair, list(tasks))
+    shared = None  # the first mode's tokenizer: every text is tokenized once for all modes
     for i, (mode, name) in enumerate(zip(modes, names), 1):
         say(f"[{i}/{len(modes)}] {mode} ({name}): {', '.join(tasks)}")
         started = time.monotonic()
@@ -151,7 +152,9 @@ def evaluate_modes(
             model=name,
             batch_size=batch_size,
             num_concurrent=num_concurrent,
+            remote_tokenizer=shared,
         )
+        shared = lm.tokenizer
         output = simple_evaluate(
             model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot
         )

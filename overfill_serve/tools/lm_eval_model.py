@@ -19,6 +19,7 @@ from typing import Any
 import requests
 from lm_eval.api.registry import register_model
 from lm_eval.models.openai_completions import LocalCompletionsAPI
+from lm_eval.utils import RemoteTokenizer
 
 from overfill_serve.errors import InvalidRequestError
 from overfill_serve.tools.client import HTTPClient, api_error
@@ -33,16 +34,48 @@ def server_root(completions_url: str) -> str:
     return url[: -len(COMPLETIONS_PATH)] if url.endswith(COMPLETIONS_PATH) else url
 
 
+class CachedRemoteTokenizer(RemoteTokenizer):
+    """lm-eval's remote tokenizer sending each text to the server once: lm-eval encodes a context once per
+    choice, and `overfill-serve eval` again in every mode (one instance serves them all)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ids: dict[str, tuple[int, ...]] = {}
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._ids.get(text)
+        if ids is None:
+            ids = self._ids[text] = tuple(super().encode(text))
+        return list(ids)
+
+
 @register_model(MODEL_NAME)
 class OverfillCompletions(LocalCompletionsAPI):
-    def __init__(self, base_url: str | None = None, tokenizer: str | None = None, **kwargs: Any) -> None:
+    """`remote_tokenizer`: one shared by several instances (one per mode); by default one of its own."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        tokenizer: str | None = None,
+        remote_tokenizer: CachedRemoteTokenizer | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not base_url:
             raise InvalidRequestError("base_url is required (http://host:port/v1/completions)", "base_url")
         own_max_length = "max_length" not in kwargs
-        # A local tokenizer directory takes lm-eval's Hugging Face path; without one, lm-eval's "remote"
-        # backend uses the server's (vLLM's /tokenizer_info, /tokenize and /detokenize).
-        backend = "remote" if tokenizer is None else "huggingface"
-        super().__init__(base_url=base_url, tokenizer=tokenizer, tokenizer_backend=backend, **kwargs)
+        # A local tokenizer directory takes lm-eval's Hugging Face path; without one, the server's own
+        # (lm-eval's remote backend, over vLLM's /tokenizer_info, /tokenize and /detokenize), cached.
+        super().__init__(
+            base_url=base_url,
+            tokenizer=tokenizer,
+            tokenizer_backend="huggingface" if tokenizer else None,
+            **kwargs,
+        )
+        if tokenizer is None:
+            self.tokenizer_backend, self.tokenized_requests = "remote", True
+            self.tokenizer = remote_tokenizer or CachedRemoteTokenizer(
+                self.base_url, self.timeout, self.verify_certificate, self.ca_cert_path, self.auth_token
+            )
         self._scored: tuple[list[list[int]], list[int]] | None = None
         if own_max_length:
             client = HTTPClient(server_root(base_url), api_key=self.api_key or None, timeout=self.timeout)
