@@ -20,7 +20,7 @@ from overfill_serve.errors import OutOfBlocksError
 from overfill_serve.model.random_model import make_tokenizer
 from overfill_serve.prompt import PromptEncoder
 from overfill_serve.request import FinishReason, Mode, TokenLogprob
-from overfill_serve.serve.model_names import resolve_model
+from overfill_serve.serve.model_names import model_list, resolve_model
 from overfill_serve.serve.openai_errors import ApiError, from_exception
 from overfill_serve.serve.openai_requests import (
     ChatCompletionRequest,
@@ -29,7 +29,7 @@ from overfill_serve.serve.openai_requests import (
     encode_prompts,
     parse_request,
 )
-from overfill_serve.serve.openai_responses import SSE_DONE, make_responder, merge_choices, model_list, sse
+from overfill_serve.serve.openai_responses import SSE_DONE, make_responder, merge_choices, sse
 from overfill_serve.serve.served_by import ServedBy
 
 try:

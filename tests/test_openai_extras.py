@@ -17,9 +17,10 @@ from overfill_serve.errors import ModelNotFoundError
 from overfill_serve.model.random_model import make_tokenizer
 from overfill_serve.prompt import PromptEncoder
 from overfill_serve.request import FinishReason, TokenLogprob
+from overfill_serve.serve.model_names import model_entry
 from overfill_serve.serve.openai_errors import ApiError, from_exception
 from overfill_serve.serve.openai_requests import ChatCompletionRequest, CompletionRequest, parse_request
-from overfill_serve.serve.openai_responses import make_responder, model_entry
+from overfill_serve.serve.openai_responses import make_responder
 from overfill_serve.serve.openai_tokenize import detokenize, tokenize, tokenizer_info
 
 

@@ -36,7 +36,7 @@ from overfill_serve.serve.config import ServeConfig
 from overfill_serve.serve.dispatcher import Dispatcher
 from overfill_serve.serve.log_filter import quiet_client_errors
 from overfill_serve.serve.metrics import RequestMetrics
-from overfill_serve.serve.model_names import resolve_model
+from overfill_serve.serve.model_names import model_entry, model_list, resolve_model
 from overfill_serve.serve.openai_errors import ApiError, from_exception
 from overfill_serve.serve.openai_requests import (
     ChatCompletionRequest,
@@ -49,8 +49,6 @@ from overfill_serve.serve.openai_responses import (
     CompletionResponder,
     make_responder,
     merge_choices,
-    model_entry,
-    model_list,
 )
 from overfill_serve.serve.openai_tokenize import detokenize, tokenize, tokenizer_info
 from overfill_serve.serve.pool_monitor import PoolMonitor

@@ -4,7 +4,8 @@ Pure protocol code (no Ray, no HTTP framework). Per HTTP request the ingress mak
 `ChatResponder` (see `make_responder`) and feeds it `(choice_index, StepOutput)` pairs as they arrive: `add`
 returns the streaming chunks to send, `response()` the final non-streaming body. `sse_stream` wraps the whole
 streaming exchange, error event and `[DONE]` included; `merge_choices` interleaves the n choices' streams.
-Request parsing lives in `openai_requests`, errors in `openai_errors`, model names in `model_names`.
+Request parsing lives in `openai_requests`, errors in `openai_errors`, model names and the model list in
+`model_names`.
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from typing import Any
 
 from overfill_serve.engine.output_processor import StepOutput
-from overfill_serve.errors import ModelNotFoundError
-from overfill_serve.request import FinishReason, Mode, TokenLogprob
-from overfill_serve.serve.model_names import model_ids
+from overfill_serve.request import FinishReason, TokenLogprob
 from overfill_serve.serve.openai_errors import ApiError, from_exception
 from overfill_serve.serve.openai_requests import AnyRequest, ChatCompletionRequest, CompletionRequest
 from overfill_serve.serve.served_by import ServedBy
@@ -43,37 +42,6 @@ def sse_error(e: BaseException) -> str:
 
 def _logprob(value: float) -> float:
     return value if value == value and value > _MIN_LOGPROB else _MIN_LOGPROB  # also maps NaN
-
-
-# ----------------------------------------------------------------------------------------------- model list
-
-
-MODE_DESCRIPTIONS = {
-    Mode.OVERFILL: "full model prefills, pruned model decodes (OverFill)",
-    Mode.FULL: "full model for both stages (quality baseline)",
-    Mode.PRUNED: "pruned model for both stages (speed baseline)",
-}
-
-
-def model_list(
-    pair_name: str, created: int, teacher: str, student: str, owned_by: str = "overfill-serve"
-) -> dict[str, Any]:
-    """GET /v1/models: the four names; the `overfill` extension says which model runs each stage."""
-    data = []
-    for name, mode in model_ids(pair_name):
-        ext = {"description": MODE_DESCRIPTIONS[mode], **ServedBy.of(mode, teacher, student).to_json()}
-        data.append(
-            {"id": name, "object": "model", "created": created, "owned_by": owned_by, "overfill": ext}
-        )
-    return {"object": "list", "data": data}
-
-
-def model_entry(model_id: str, pair_name: str, created: int, teacher: str, student: str) -> dict[str, Any]:
-    """GET /v1/models/{id}: that model's object from the list; `ModelNotFoundError` (404) for any other id."""
-    for entry in model_list(pair_name, created, teacher, student)["data"]:
-        if entry["id"] == model_id:
-            return entry
-    raise ModelNotFoundError(model_id, [name for name, _ in model_ids(pair_name)])
 
 
 # --------------------------------------------------------------------------------------------------- choices
