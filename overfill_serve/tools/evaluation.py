@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from overfill_serve.errors import InvalidRequestError, OverfillError
+from overfill_serve.request import Mode
 
-MODES = ("overfill", "full", "pruned")
+MODES = tuple(m.value for m in Mode)  # overfill, full, pruned
 INSTALL_HINT = "pip install 'overfill-serve[eval]'"
 STDERR_SUFFIX = "_stderr"
 
@@ -41,10 +42,8 @@ def require_lm_eval() -> None:
 
 
 def model_name(pair: str, mode: str) -> str:
-    """The served model name that selects `mode` (GET /v1/models lists them)."""
-    if mode not in MODES:
-        raise InvalidRequestError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}", "modes")
-    return pair if mode == "overfill" else f"{pair}:{mode}"
+    """The served model name that selects `mode` (GET /v1/models lists them); `InvalidRequestError` if none."""
+    return pair if Mode.parse(mode) is Mode.OVERFILL else f"{pair}:{mode}"
 
 
 @dataclass
