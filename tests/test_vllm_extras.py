@@ -176,7 +176,6 @@ def test_tokenize_detokenize_version_and_one_model(served, offline):
 @pytest.mark.parametrize(
     "extra, param",
     [
-        ({"prompt_logprobs": 1}, "prompt_logprobs"),
         ({"guided_json": {"type": "object"}}, "guided_json"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ],
