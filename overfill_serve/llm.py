@@ -48,6 +48,7 @@ class RequestOutput:
     metrics: RequestMetrics
     # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (as in vLLM).
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose KV the prefix cache held
 
 
 class LLM:
@@ -203,6 +204,7 @@ def _to_output(request: Request, text: str, prompt: Prompt | None = None) -> Req
         stop_reason=request.stop_reason,
         logprobs=list(request.output_logprobs) if request.params.logprobs is not None else None,
         mode=request.mode.value,
+        num_cached_tokens=request.num_cached_tokens,
         prompt_logprobs=[None, *request.prompt_logprobs]
         if request.params.prompt_logprobs is not None
         else None,

@@ -156,3 +156,12 @@ def test_tokenizer_info_describes_the_served_tokenizer(encoder):
     assert info["eos_token"] == tok.eos_token and info["bos_token"] == tok.bos_token
     assert info["chat_template"] == tok.chat_template and info["model_max_length"] == encoder.max_model_len
     json.dumps(info)  # a JSON body
+
+
+def test_usage_counts_each_prompts_cached_tokens_once(tok):
+    """n choices of one prompt: the prompt's cached tokens are what its choices found most, counted once."""
+    req = parse_request(CompletionRequest, completion_body(prompt=[[7, 8, 9], [5, 6]], n=2))
+    r = make_responder(req, SERVED, tok, prompt_tokens=5)
+    for index, cached in enumerate((0, 8, 4, 4)):
+        r.add(index, StepOutput("r", (7,), "x", True, FinishReason.LENGTH, num_cached_tokens=cached))
+    assert r.response()["usage"]["prompt_tokens_details"] == {"cached_tokens": 8 + 4}

@@ -32,6 +32,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # prompt tokens per prefill step (longer prompts are chunked)
     max_model_len: int | None = None  # None: what the models and the pool allow
     num_swap_blocks: int = 0  # host memory for preempted decodes' KV (0: re-prefill them)
+    # Reuse the KV of prompt prefixes a prefill computed before (blocks indexed by their token ids and model).
+    enable_prefix_caching: bool = True
     # GPU fast path (each None: on where it pays, i.e. on CUDA; set explicitly to force on or off).
     attention_backend: str | None = None  # "triton" | "torch"; None: triton on CUDA, torch on CPU
     cuda_graphs: bool | None = None  # capture decode steps per batch-size bucket (CUDA, triton backend)

@@ -70,7 +70,8 @@ class EngineCore:
         context = StageContext(self.pool, Sampler(eos_token_ids=spec.eos_token_ids), self.output, config)
         runners = {name: self._runner(model, kept, config) for name, (model, kept) in models.items()}
         self.prefill = {
-            name: PrefillEngine(r, context, on_prefill_layer, self._reserve) for name, r in runners.items()
+            name: PrefillEngine(r, context, on_prefill_layer, self._reserve, name)
+            for name, r in runners.items()
         }
         self.decode = {name: DecodeEngine(r, context, self.swap) for name, r in runners.items()}
         self._routes: dict[str, Route] = {}

@@ -5,7 +5,7 @@ Both stages use it: the prefill engine for the teacher's first token, the decode
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from overfill_serve.detokenizer import IncrementalDetokenizer
 from overfill_serve.engine.sampler import SampledToken
@@ -23,8 +23,10 @@ class StepOutput:
     finished: bool
     finish_reason: FinishReason | None = None
     logprobs: tuple[TokenLogprob, ...] = ()  # of token_ids, when the request asked for them
-    # With a request's first output, when it asked for them: its prompt tokens 1, 2, ... scored.
+    # With a request's first output: its prompt tokens 1, 2, ... scored (when it asked for them), and how many
+    # of its prompt tokens' KV came from the prefix cache.
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    num_cached_tokens: int = 0
 
 
 class OutputProcessor:
@@ -57,25 +59,18 @@ class OutputProcessor:
         if finished:
             text += detok.finish()
         logprobs = (sampled.logprob,) if sampled.logprob is not None else ()
-        return StepOutput(
-            request.request_id,
-            (token,),
-            text,
-            finished,
-            request.finish_reason,
-            logprobs,
-            tuple(request.prompt_logprobs) if len(request.output_token_ids) == 1 else (),
-        )
+        out = StepOutput(request.request_id, (token,), text, finished, request.finish_reason, logprobs)
+        return self._with_prompt(out, request) if len(request.output_token_ids) == 1 else out
 
     def finish_prompt(self, request: Request) -> StepOutput:
         """The one output of a request that generates nothing (max_tokens=0): its prompt scored."""
-        return StepOutput(
-            request.request_id,
-            (),
-            "",
-            True,
-            FinishReason.LENGTH,
-            prompt_logprobs=tuple(request.prompt_logprobs),
+        return self._with_prompt(StepOutput(request.request_id, (), "", True, FinishReason.LENGTH), request)
+
+    @staticmethod
+    def _with_prompt(out: StepOutput, request: Request) -> StepOutput:
+        """A request's first output: with what it says about the prompt."""
+        return replace(
+            out, prompt_logprobs=tuple(request.prompt_logprobs), num_cached_tokens=request.num_cached_tokens
         )
 
     def stops_on(self, token: int, params: SamplingParams, *, generated: int) -> bool:

@@ -25,6 +25,7 @@ from overfill_serve.engine.batch import Batch, ScheduledSeq
 from overfill_serve.engine.runner import ModelRunner
 from overfill_serve.engine.sampler import SampledToken, score
 from overfill_serve.engine.stage import Prefilled, StageContext, StageEngine, StepResult
+from overfill_serve.kv.block_hash import block_hashes
 from overfill_serve.kv.paged_cache import blocks_for
 from overfill_serve.request import FinishReason, Request, RequestStatus
 
@@ -36,9 +37,13 @@ class PrefillEngine(StageEngine):
         context: StageContext,
         on_layer: Callable[[Batch, int], None] | None = None,
         reserve: Callable[[Request], int] | None = None,
+        model: str = "",
     ) -> None:
         super().__init__(runner, context)  # running: blocks allocated, prompt partly computed
         self.max_num_batched_tokens = context.config.max_num_batched_tokens
+        # Prefix caching: the blocks this model computes are indexed under its name (their provenance).
+        self.model, self.prefix_caching = model, context.config.enable_prefix_caching
+        self.prefix_queries = self.prefix_hits = 0  # prompt tokens looked up / found in the cache
         self.on_layer = on_layer  # called after each layer's forward: lets a KV channel stream layer by layer
         # Tokens a request holds blocks for once admitted: by default up to where this prefill stops; a core
         # that also computes the rest of the prompt holds it whole, so that part never waits for memory.
@@ -72,19 +77,44 @@ class PrefillEngine(StageEngine):
             budget -= len(seqs[-1].token_ids)
         while budget and self.waiting and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            # A prompt continued after its split already holds blocks for the part computed so far.
-            blocks = self.pool.allocate(
-                blocks_for(self.reserve(request), self.block_size) - len(request.block_table)
-            )
-            if blocks is None:
+            if not self._allocate(request):
                 break  # FIFO: later prompts wait too, so a long prompt is not starved
             self.waiting.popleft()
-            request.block_table += blocks
             request.mark(RequestStatus.PREFILLING)
             self.running.append(request)
             seqs.append(self._chunk(request, budget))
             budget -= len(seqs[-1].token_ids)
         return Batch(tuple(seqs))
+
+    def _allocate(self, request: Request) -> bool:
+        """Give an admitted request its blocks: the cached ones of its prompt's longest cached prefix, shared
+        (their tokens count as computed), then new ones. False, holding nothing, if the pool is short. A prompt
+        continued after its split already holds blocks for the part computed so far."""
+        shared = self._cached_prefix(request)
+        need = blocks_for(self.reserve(request), self.block_size) - len(request.block_table) - len(shared)
+        blocks = self.pool.allocate(need)
+        if blocks is None:
+            self.pool.free(shared)
+            return False
+        request.block_table += shared + blocks
+        request.num_computed_tokens += len(shared) * self.block_size
+        request.num_cached_tokens = max(request.num_cached_tokens, len(shared) * self.block_size)
+        return True
+
+    def _cached_prefix(self, request: Request) -> list[int]:
+        """References to the cached blocks this model computed for the longest prefix of a prompt prefilled
+        from its start. Its last token is always computed here (its logits give the first token), and so is
+        every token of a scored prompt. A prompt with a split takes no part (its blocks mix two models)."""
+        if not self.prefix_caching or request.params.continuation_start is not None or request.block_table:
+            return []
+        if not request.block_hashes:
+            request.block_hashes = block_hashes(request.prompt_token_ids, self.block_size, self.model)
+        if request.params.prompt_logprobs is not None:
+            return []
+        blocks = self.pool.share(request.block_hashes[: (request.num_prompt_tokens - 1) // self.block_size])
+        self.prefix_queries += request.num_prompt_tokens
+        self.prefix_hits += len(blocks) * self.block_size
+        return blocks
 
     @staticmethod
     def _chunk(request: Request, budget: int) -> ScheduledSeq:
@@ -110,6 +140,7 @@ class PrefillEngine(StageEngine):
             request = by_id[seq.request_id]
             stop = request.prefill_stop
             request.num_computed_tokens = seq.context_len
+            self._index(request, seq)
             if seq.context_len < stop:
                 continue
             self.running.remove(request)
@@ -122,6 +153,12 @@ class PrefillEngine(StageEngine):
                 request.stamp("first_token")
             prefilled.append(Prefilled(request, first.get(request.request_id)))
         return StepResult(outputs=tuple(outputs), prefilled=tuple(prefilled))
+
+    def _index(self, request: Request, seq: ScheduledSeq) -> None:
+        """Index the prompt blocks this chunk completed, for later prompts to share."""
+        first, end = seq.start // self.block_size, min(seq.context_len, request.num_prompt_tokens)
+        for i in range(first, min(end // self.block_size, len(request.block_hashes))):
+            self.pool.register(request.block_table[i], request.block_hashes[i])
 
     def _score_and_sample(
         self, batch: Batch, logits: torch.Tensor, by_id: dict[str, Request]

@@ -1,24 +1,34 @@
-"""`BlockPool`: which KV blocks are free, in pure Python (the scheduler's view; tensors live elsewhere)."""
+"""`BlockPool`: which KV blocks are free, shared or cached, in pure Python (the scheduler's view; tensors live
+elsewhere).
+
+Prefix caching: a block whose KV is complete can be indexed by its `block_hash` (`register`); requests whose
+prompts start with the same blocks then share it (`share` takes a reference, `free` drops one). A cached
+block nobody references is not lost: it waits in a least-recently-used list and is only reused for other
+KV (its hash dropped) when the pool has no never-cached block left. It counts as free.
+"""
 
 from __future__ import annotations
 
 import threading
-from collections import deque
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 
 
 class BlockPool:
-    """A free list of block ids.
+    """Block ids with reference counts; a block is free at zero references.
 
     Thread-safe: in a disaggregated worker the engine thread and the KV-channel threads allocate from the same
-    pool. Double frees and foreign ids are internal bugs, so they assert.
+    pool. Freeing an unreferenced block and foreign ids are internal bugs, so they assert.
     """
 
     def __init__(self, num_blocks: int) -> None:
         assert num_blocks > 0
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
-        self._used = [False] * num_blocks
+        self._free: deque[int] = deque(range(num_blocks))  # unreferenced, not cached
+        self._refs = [0] * num_blocks
+        self._block_of: dict[bytes, int] = {}  # the prefix cache's index
+        self._hash_of: dict[int, bytes] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced: the next to go first
         self._lock = threading.Lock()
         self._on_free: list[Callable[[], None]] = []
 
@@ -36,27 +46,69 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks an allocation can take: never-cached ones and cached ones nobody references."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._block_of)
 
     def allocate(self, n: int) -> list[int] | None:
-        """Take n free blocks, or None (and nothing) when fewer than n are free."""
+        """Take n free blocks (one reference each), or None (and nothing) when fewer than n are free. Blocks
+        never cached go first; then the least recently used cached ones, whose hashes are dropped."""
         with self._lock:
-            if n > len(self._free):
+            if n > self.num_free:
                 return None
-            blocks = [self._free.popleft() for _ in range(n)]
-            for b in blocks:
-                self._used[b] = True
+            blocks = []
+            for _ in range(n):
+                if self._free:
+                    block = self._free.popleft()
+                else:
+                    block, _ = self._evictable.popitem(last=False)
+                    del self._block_of[self._hash_of.pop(block)]
+                self._refs[block] = 1
+                blocks.append(block)
             return blocks
 
-    def free(self, blocks: list[int]) -> None:
+    def free(self, blocks: Sequence[int]) -> None:
+        """Drop one reference to each block. A cached block left without any stays cached; the table's last
+        blocks become the first to be evicted (their prefix is worth more to later prompts)."""
         with self._lock:
-            for b in blocks:
-                assert self._used[b], f"block {b} freed twice"
-                self._used[b] = False
-                self._free.append(b)
+            released = []
+            for block in blocks:
+                assert self._refs[block] > 0, f"block {block} freed twice"
+                self._refs[block] -= 1
+                if not self._refs[block]:
+                    released.append(block)
+            self._free.extend(b for b in released if b not in self._hash_of)
+            self._evictable.update((b, None) for b in reversed(released) if b in self._hash_of)
             for listener in self._on_free:
                 listener()
+
+    def share(self, hashes: Sequence[bytes]) -> list[int]:
+        """The cached blocks of the longest prefix of `hashes`, one new reference each (the caller frees
+        them as its own)."""
+        with self._lock:
+            blocks = []
+            for block_hash in hashes:
+                block = self._block_of.get(block_hash)
+                if block is None:
+                    break
+                if not self._refs[block]:
+                    del self._evictable[block]
+                self._refs[block] += 1
+                blocks.append(block)
+            return blocks
+
+    def register(self, block: int, block_hash: bytes) -> None:
+        """Index a referenced block whose KV is complete under its hash; a no-op if either is indexed already
+        (another request computed the same block first)."""
+        with self._lock:
+            assert self._refs[block] > 0, f"block {block} registered while free"
+            if block_hash not in self._block_of and block not in self._hash_of:
+                self._block_of[block_hash] = block
+                self._hash_of[block] = block_hash

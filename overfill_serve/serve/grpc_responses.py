@@ -50,6 +50,7 @@ def chunk_to_proto(
     request_id: str | None = None,
     prompt_tokens: int | None = None,
     completion_tokens: int | None = None,
+    cached_tokens: int = 0,
     served_by: ServedBy | None = None,
     ttft_s: float | None = None,
     e2e_s: float | None = None,
@@ -64,7 +65,10 @@ def chunk_to_proto(
         prompt_logprobs=logprobs_to_proto(out.prompt_logprobs),
     )
     if prompt_tokens is not None:
-        chunk.usage.CopyFrom(pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens or 0))
+        usage = pb.Usage(
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens or 0, cached_tokens=cached_tokens
+        )
+        chunk.usage.CopyFrom(usage)
     if served_by is not None:
         chunk.served_by.CopyFrom(served_by_to_proto(served_by))
     if e2e_s is not None:
@@ -85,13 +89,16 @@ def response_to_proto(
     logprobs: Iterable[TokenLogprob] = (),
     stop_reason: str | int | None = None,
     prompt_logprobs: Iterable[TokenLogprob] = (),
+    cached_tokens: int = 0,
 ) -> pb.GenerateResponse:
     response = pb.GenerateResponse(
         request_id=request_id,
         text=text,
         token_ids=list(token_ids),
         finish_reason=FINISH_TO_PROTO[finish_reason],
-        usage=pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=len(token_ids)),
+        usage=pb.Usage(
+            prompt_tokens=prompt_tokens, completion_tokens=len(token_ids), cached_tokens=cached_tokens
+        ),
         served_by=served_by_to_proto(served_by),
         metrics=pb.Metrics(ttft_s=ttft_s, e2e_s=e2e_s),
         logprobs=logprobs_to_proto(logprobs),
@@ -124,6 +131,7 @@ class GenerationAccumulator:
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: tuple[TokenLogprob, ...] = ()
+        self.num_cached_tokens = 0
         self.finish_reason: FinishReason | None = None
         self.ttft_s: float | None = None
         self.e2e_s: float | None = None
@@ -140,6 +148,7 @@ class GenerationAccumulator:
         self.token_ids.extend(out.token_ids)
         self.logprobs.extend(out.logprobs)
         self.prompt_logprobs = self.prompt_logprobs or out.prompt_logprobs
+        self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
         if not out.finished:
             return chunk_to_proto(out, request_id=self.request_id)
         self.finish_reason = out.finish_reason
@@ -149,6 +158,7 @@ class GenerationAccumulator:
             request_id=self.request_id,
             prompt_tokens=self.prompt_tokens,
             completion_tokens=len(self.token_ids),
+            cached_tokens=self.num_cached_tokens,
             served_by=self.served_by,
             ttft_s=self.ttft_s,
             e2e_s=self.e2e_s,
@@ -168,6 +178,7 @@ class GenerationAccumulator:
             logprobs=self.logprobs,
             stop_reason=stop_reason,
             prompt_logprobs=self.prompt_logprobs,
+            cached_tokens=self.num_cached_tokens,
         )
 
 

@@ -50,6 +50,8 @@ SERIES = _series(
     ("queue_depth", "gauge", "requests waiting in the engine", REPLICA_LABELS),
     ("running_requests", "gauge", "requests running in the engine", REPLICA_LABELS),
     ("swapped_requests", "gauge", "preempted requests whose KV waits in host memory", REPLICA_LABELS),
+    ("prefix_cache_queries", "counter", "prompt tokens looked up in the prefix cache", REPLICA_LABELS),
+    ("prefix_cache_hits", "counter", "prompt tokens found in the prefix cache", REPLICA_LABELS),
     ("kv_transfer_bytes", "counter", "KV bytes received", (*REPLICA_LABELS, "backend")),
     ("kv_transfer_seconds", "histogram", "KV transfer time", (*REPLICA_LABELS, "backend")),
 )
@@ -110,10 +112,15 @@ class ReplicaMetrics:
     def __init__(self, role: str, pair_name: str) -> None:
         self.ray = {name: _ray_metric(SERIES[name], role=role, pair=pair_name) for name in REPLICA_SERIES}
         self.transfers: dict[str, TransferTotals] = {}
+        self._counted: dict[str, float] = {}  # the stats' running totals as last exported to Ray
 
     def observe(self, stats: WorkerStats) -> None:
         for name, value in _replica_gauges(stats).items():
             self.ray[name].set(value)
+        for name, total in _replica_counters(stats).items():
+            if total > self._counted.get(name, 0.0):  # Ray counters take increments (and refuse inc(0))
+                self.ray[name].inc(total - self._counted.get(name, 0.0))
+                self._counted[name] = total
 
     def observe_transfer(self, stats: TransferStats) -> None:
         tags = {"backend": stats.backend}
@@ -125,6 +132,10 @@ class ReplicaMetrics:
     def report(self) -> dict[str, Any]:
         """What the replica's stats carry for `/metrics` (read with `TransferTotals(**...)`)."""
         return {"kv_transfers": {backend: asdict(t) for backend, t in list(self.transfers.items())}}
+
+
+def _replica_counters(stats: WorkerStats) -> dict[str, float]:
+    return {"prefix_cache_queries": stats.prefix_queries, "prefix_cache_hits": stats.prefix_hits}
 
 
 def _replica_gauges(stats: WorkerStats) -> dict[str, float]:
@@ -146,18 +157,26 @@ def replica_families(pair_name: str, replicas: Sequence[tuple[str, dict[str, Any
         for name in REPLICA_SERIES
         if SERIES[name].kind == "gauge"
     }
+    counters = {
+        name: CounterMetricFamily(SERIES[name].name, SERIES[name].help, labels=labels)
+        for name in ("prefix_cache_queries", "prefix_cache_hits")
+    }
     nbytes, seconds = SERIES["kv_transfer_bytes"], SERIES["kv_transfer_seconds"]
     bytes_family = CounterMetricFamily(nbytes.name, nbytes.help, labels=[*labels, "backend"])
     seconds_family = HistogramMetricFamily(seconds.name, seconds.help, labels=[*labels, "backend"])
     for role, report in replicas:
         values = [pair_name, role, str(report.get("replica_id", ""))]
-        for name, value in _replica_gauges(WorkerStats.from_dict(report)).items():
+        stats = WorkerStats.from_dict(report)
+        for name, value in _replica_gauges(stats).items():
             gauges[name].add_metric(values, value)
+        for name, value in _replica_counters(stats).items():
+            counters[name].add_metric(values, value)
         for backend, data in (report.get("kv_transfers") or {}).items():
             totals = TransferTotals(**data)
             bytes_family.add_metric([*values, backend], totals.nbytes)
             seconds_family.add_metric([*values, backend], totals.buckets(), totals.seconds)
     yield from gauges.values()
+    yield from counters.values()
     yield bytes_family
     yield seconds_family
 

@@ -57,6 +57,7 @@ class ChoiceState:
         self.logprobs: list[TokenLogprob] = []
         self.text_offsets: list[int] = []  # character offset of each logprob's token in `text`
         self.prompt_logprobs: tuple[TokenLogprob, ...] = ()  # prompt tokens 1, 2, ... when scored
+        self.num_cached_tokens = 0  # prompt tokens whose KV the prefix cache held
         self.finish_reason: str | None = None
 
     @property
@@ -79,6 +80,7 @@ class ChoiceState:
         self.token_ids.extend(step.token_ids)
         self.logprobs.extend(step.logprobs)
         self.prompt_logprobs = self.prompt_logprobs or step.prompt_logprobs
+        self.num_cached_tokens = max(self.num_cached_tokens, step.num_cached_tokens)
         if step.finished:
             self.finish_reason = (step.finish_reason or FinishReason.STOP).value
 
@@ -120,13 +122,17 @@ class _Responder(abc.ABC):
         return all(c.finished for c in self.choices)
 
     def usage(self) -> dict[str, Any]:
-        """Usage so far (every prompt's tokens once, whatever n). No prefix cache yet: no cached tokens."""
+        """Usage so far (every prompt's tokens once, whatever n; its cached tokens as its choices found most)."""
         completion = sum(len(c.token_ids) for c in self.choices)
+        n = self.request.num_choices
+        cached = sum(
+            max(c.num_cached_tokens for c in self.choices[i : i + n]) for i in range(0, len(self.choices), n)
+        )
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": self.prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": 0},
+            "prompt_tokens_details": {"cached_tokens": cached},
         }
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:

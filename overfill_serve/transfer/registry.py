@@ -45,6 +45,7 @@ class Completion:
     logprob: TokenLogprob | None = None
     finished: bool = False  # the first token ends the request: no more KV is sent, none is needed
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    num_cached_tokens: int = 0  # prompt tokens whose KV the prefill side's prefix cache held
 
 
 class Ready(Protocol):

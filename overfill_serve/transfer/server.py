@@ -55,6 +55,7 @@ def completion_to_pb(c: Completion) -> pb.Completion:
         has_logprob=c.logprob is not None,
         finished=c.finished,
         prompt_continues=c.first_token is None,
+        num_cached_tokens=c.num_cached_tokens,
     )
     if c.logprob is not None:
         msg.logprob, msg.rank = c.logprob.logprob, c.logprob.rank or 0

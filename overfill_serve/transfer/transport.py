@@ -90,4 +90,8 @@ def completion_from_pb(msg: pb.Completion, expected_tokens: int, vocab_size: int
         for s in msg.prompt_logprobs
     )
     first = None if msg.prompt_continues else msg.first_token
-    return Completion(first, msg.num_tokens, logprob, msg.finished, prompt)
+    if msg.num_cached_tokens > msg.num_tokens:
+        raise ChunkError(
+            f"the peer says {msg.num_cached_tokens} of {msg.num_tokens} prompt tokens were cached"
+        )
+    return Completion(first, msg.num_tokens, logprob, msg.finished, prompt, msg.num_cached_tokens)

@@ -116,6 +116,7 @@ class DecodeWorker(ModelWorker):
         request.block_table = blocks
         request.num_computed_tokens = ticket.num_kv_tokens
         request.prompt_logprobs = list(completion.prompt_logprobs)
+        request.num_cached_tokens = completion.num_cached_tokens
         request.mark(RequestStatus.KV_IN_FLIGHT)
         return request, completion
 

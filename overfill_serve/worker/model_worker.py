@@ -76,6 +76,8 @@ class ModelWorker:
             queued_prompt_tokens=sum(p.queued_prompt_tokens for p in core.prefill.values()),
             finished=self.num_finished,
             tpot_s=self.tpot.mean(),
+            prefix_queries=sum(p.prefix_queries for p in core.prefill.values()),
+            prefix_hits=sum(p.prefix_hits for p in core.prefill.values()),
         )
 
     def stop(self) -> None:

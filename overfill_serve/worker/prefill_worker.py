@@ -158,7 +158,8 @@ class PrefillWorker(ModelWorker):
             return Completion(request.output_token_ids[0], request.num_prompt_tokens)
         # The engine's own stop rule: a first token that ends the request needs no KV on the decode side.
         finished = self.core.output.stops_on(first.token_id, request.params, generated=1)
-        return Completion(first.token_id, request.num_prompt_tokens, first.logprob, finished, scores)
+        cached = request.num_cached_tokens
+        return Completion(first.token_id, request.num_prompt_tokens, first.logprob, finished, scores, cached)
 
     def _layer_done(self, batch: Batch, layer: int) -> None:
         # Only a prompt's final chunk makes its KV final; earlier chunks are complete before it runs. On a GPU

@@ -19,6 +19,8 @@ class WorkerStats:
     ttft_s: float = 0.0  # prefill workers: recent submit -> first token and KV ready
     prefilled: int = 0  # prefill workers: prefills handed over to decode workers
     open_transfers: int = 0  # prefill workers: KV offered and not yet released
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache, since the worker started
+    prefix_hits: int = 0  # ... and found there
 
     @property
     def num_requests(self) -> int:

@@ -69,7 +69,7 @@ class KVChunk(_message.Message):
     def __init__(self, header: _Optional[bytes] = ..., payload: _Optional[bytes] = ..., done: _Optional[_Union[Completion, _Mapping]] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class Completion(_message.Message):
-    __slots__ = ("first_token", "num_tokens", "has_logprob", "logprob", "top_ids", "top_logprobs", "finished", "prompt_logprobs", "prompt_continues", "rank")
+    __slots__ = ("first_token", "num_tokens", "has_logprob", "logprob", "top_ids", "top_logprobs", "finished", "prompt_logprobs", "prompt_continues", "rank", "num_cached_tokens")
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     HAS_LOGPROB_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class Completion(_message.Message):
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_CONTINUES_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     first_token: int
     num_tokens: int
     has_logprob: bool
@@ -90,7 +91,8 @@ class Completion(_message.Message):
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[ScoredToken]
     prompt_continues: bool
     rank: int
-    def __init__(self, first_token: _Optional[int] = ..., num_tokens: _Optional[int] = ..., has_logprob: _Optional[bool] = ..., logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., finished: _Optional[bool] = ..., prompt_logprobs: _Optional[_Iterable[_Union[ScoredToken, _Mapping]]] = ..., prompt_continues: _Optional[bool] = ..., rank: _Optional[int] = ...) -> None: ...
+    num_cached_tokens: int
+    def __init__(self, first_token: _Optional[int] = ..., num_tokens: _Optional[int] = ..., has_logprob: _Optional[bool] = ..., logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., finished: _Optional[bool] = ..., prompt_logprobs: _Optional[_Iterable[_Union[ScoredToken, _Mapping]]] = ..., prompt_continues: _Optional[bool] = ..., rank: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class ScoredToken(_message.Message):
     __slots__ = ("token_id", "logprob", "top_ids", "top_logprobs", "rank")
