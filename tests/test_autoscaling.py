@@ -163,6 +163,7 @@ def _args(pair, app: str, **overrides) -> dict:
     return pair_args(pair, app, prefill_kv_blocks=256, decode_kv_blocks=1024, **overrides)
 
 
+@pytest.mark.slow  # about a minute: a real burst on Ray Serve
 def test_decode_pool_scales_with_a_burst(pairs):
     """Long generations: requests held over a target of 1 a replica."""
     pytest.importorskip("ray")
@@ -181,6 +182,7 @@ def test_decode_pool_scales_with_a_burst(pairs):
     )
 
 
+@pytest.mark.slow  # about a minute: a real burst on Ray Serve
 def test_prefill_pool_scales_with_a_prompt_heavy_burst(pairs):
     """Long prompts, a few output tokens, prefill in 16-token chunks: queued prompt tokens over a target of
     64 a replica."""

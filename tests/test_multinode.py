@@ -30,6 +30,7 @@ from serve_harness import (
 from overfill_serve import LLM, SamplingParams
 from overfill_serve.tools.client import GRPCClient, GRPCError
 
+pytestmark = pytest.mark.slow  # a three-node Ray cluster: about 30 s
 POOL = "overfill.io/pool"
 PROMPTS = [list(range(10, 40)), list(range(50, 61)), list(range(3, 80))]
 MAX_TOKENS = 12

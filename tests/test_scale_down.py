@@ -43,6 +43,7 @@ def _complete(prompt: list[int], results: dict[int, tuple[int, str]], key: int) 
     results[key] = completion(body, timeout=180)
 
 
+@pytest.mark.slow  # about 40 s each: long streams through a real scale-down
 @pytest.mark.parametrize("decode_grace_s, migrates", [(60.0, False), (0.5, True)], ids=["finish", "migrate"])
 def test_scale_down_mid_stream_loses_nothing(pairs, decode_grace_s, migrates):
     from ray import serve
