@@ -33,10 +33,15 @@ def machine_line() -> str:
 
 
 def start_app(
-    prefill_dir: Path, decode_dir: Path, http_port: int | None = None, grpc_port: int | None = None
+    prefill_dir: Path,
+    decode_dir: Path,
+    http_port: int | None = None,
+    grpc_port: int | None = None,
+    **overrides: Any,
 ) -> tuple[str, Any]:
     """Start Ray and the app, HTTP on loopback `http_port` (default: a free port) and, with `grpc_port`, the
-    gRPC API (cluster/config.yaml's servicer); returns (url, its ServeConfig)."""
+    gRPC API (cluster/config.yaml's servicer); `overrides`: application args over the file's. Returns (url,
+    its ServeConfig)."""
     import yaml
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -51,7 +56,7 @@ def start_app(
 
     config = yaml.safe_load(CONFIG.read_text())
     app = config["applications"][0]
-    args = {**app["args"], "prefill_model": str(prefill_dir), "decode_model": str(decode_dir)}
+    args = {**app["args"], "prefill_model": str(prefill_dir), "decode_model": str(decode_dir), **overrides}
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments", [])}
     ray.init(
         address="local",  # never attach to another Ray on this machine

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from overfill_serve.serve.replica_router import load_score, rank_replicas
+from overfill_serve.serve.replica_router import PrefixAffinity, load_score, rank_replicas
 from overfill_serve.worker.worker_stats import WorkerStats
 
 
@@ -37,3 +37,24 @@ def test_replicas_without_stats_rank_last_and_ties_spread():
     firsts = [rank_replicas("prefill", [_stats(queued=7)] * 3)[0] for _ in range(300)]
     assert all(firsts.count(i) > 50 for i in range(3))  # equal replicas share the traffic
     assert load_score("decode", None) > load_score("decode", _decode(0))
+
+
+def test_prefill_goes_where_the_prefix_is_cached_until_its_queue_outweighs_it():
+    """Work = queued prompt tokens less what the replica likely holds of this prompt."""
+    idle, busy = _stats(queued=0), _stats(queued=600)
+    assert rank_replicas("prefill", [idle, busy], cached_tokens=[0, 1024])[0] == 1  # saves more than it waits
+    assert rank_replicas("prefill", [idle, busy], cached_tokens=[0, 512])[0] == 0  # a hot prefix spreads
+
+
+def test_prefix_affinity_remembers_where_each_prompt_block_went():
+    affinity = PrefixAffinity(block_size=4, capacity=6)
+    system, a, b = list(range(8)), [50, 51, 52, 53], [60, 61, 62, 63]
+    first = affinity.hashes(system + a)
+    affinity.record(first, "r1")
+    second = affinity.hashes(system + b)
+    assert affinity.cached_tokens(second, "r1") == 8  # the shared two blocks, not the other question's
+    assert affinity.cached_tokens(second, "r2") == 0
+    affinity.record(second, "r2")  # the shared blocks now count for r2, the one that saw them last
+    assert affinity.cached_tokens(first, "r2") == 8 and affinity.cached_tokens(first, "r1") == 0
+    affinity.record(affinity.hashes(list(range(100, 124))), "r3")  # six blocks: the oldest are forgotten
+    assert affinity.cached_tokens(second, "r2") == 0

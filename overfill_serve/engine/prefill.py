@@ -44,6 +44,7 @@ class PrefillEngine(StageEngine):
         # Prefix caching: the blocks this model computes are indexed under its name (their provenance).
         self.model, self.prefix_caching = model, context.config.enable_prefix_caching
         self.prefix_queries = self.prefix_hits = 0  # prompt tokens looked up / found in the cache
+        self.computed_tokens = 0  # prompt tokens this model computed (what the cache did not save)
         self.on_layer = on_layer  # called after each layer's forward: lets a KV channel stream layer by layer
         # Tokens a request holds blocks for once admitted: by default up to where this prefill stops; a core
         # that also computes the rest of the prompt holds it whole, so that part never waits for memory.
@@ -63,6 +64,7 @@ class PrefillEngine(StageEngine):
             return StepResult()
         hook = None if self.on_layer is None else partial(self.on_layer, batch)
         logits = self.runner.run(batch, on_layer=hook)
+        self.computed_tokens += batch.num_tokens
         return self._postprocess(batch, logits)
 
     def _schedule(self) -> Batch:

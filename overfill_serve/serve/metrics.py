@@ -52,6 +52,7 @@ SERIES = _series(
     ("swapped_requests", "gauge", "preempted requests whose KV waits in host memory", REPLICA_LABELS),
     ("prefix_cache_queries", "counter", "prompt tokens looked up in the prefix cache", REPLICA_LABELS),
     ("prefix_cache_hits", "counter", "prompt tokens found in the prefix cache", REPLICA_LABELS),
+    ("prefill_tokens", "counter", "prompt tokens the replica's prefill computed", REPLICA_LABELS),
     ("kv_transfer_bytes", "counter", "KV bytes received", (*REPLICA_LABELS, "backend")),
     ("kv_transfer_seconds", "histogram", "KV transfer time", (*REPLICA_LABELS, "backend")),
 )
@@ -134,8 +135,16 @@ class ReplicaMetrics:
         return {"kv_transfers": {backend: asdict(t) for backend, t in list(self.transfers.items())}}
 
 
+# The replica counters WorkerStats carries as running totals: series -> field.
+_STATS_COUNTERS = {
+    "prefix_cache_queries": "prefix_queries",
+    "prefix_cache_hits": "prefix_hits",
+    "prefill_tokens": "prefill_tokens",
+}
+
+
 def _replica_counters(stats: WorkerStats) -> dict[str, float]:
-    return {"prefix_cache_queries": stats.prefix_queries, "prefix_cache_hits": stats.prefix_hits}
+    return {name: getattr(stats, field_name) for name, field_name in _STATS_COUNTERS.items()}
 
 
 def _replica_gauges(stats: WorkerStats) -> dict[str, float]:
@@ -159,7 +168,7 @@ def replica_families(pair_name: str, replicas: Sequence[tuple[str, dict[str, Any
     }
     counters = {
         name: CounterMetricFamily(SERIES[name].name, SERIES[name].help, labels=labels)
-        for name in ("prefix_cache_queries", "prefix_cache_hits")
+        for name in _STATS_COUNTERS
     }
     nbytes, seconds = SERIES["kv_transfer_bytes"], SERIES["kv_transfer_seconds"]
     bytes_family = CounterMetricFamily(nbytes.name, nbytes.help, labels=[*labels, "backend"])

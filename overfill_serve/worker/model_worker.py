@@ -78,6 +78,7 @@ class ModelWorker:
             tpot_s=self.tpot.mean(),
             prefix_queries=sum(p.prefix_queries for p in core.prefill.values()),
             prefix_hits=sum(p.prefix_hits for p in core.prefill.values()),
+            prefill_tokens=sum(p.computed_tokens for p in core.prefill.values()),
         )
 
     def stop(self) -> None:

@@ -21,6 +21,7 @@ class WorkerStats:
     open_transfers: int = 0  # prefill workers: KV offered and not yet released
     prefix_queries: int = 0  # prompt tokens looked up in the prefix cache, since the worker started
     prefix_hits: int = 0  # ... and found there
+    prefill_tokens: int = 0  # prompt tokens the prefill engines computed, since the worker started
 
     @property
     def num_requests(self) -> int:
