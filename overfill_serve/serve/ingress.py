@@ -151,20 +151,16 @@ class Ingress:
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> Any:
-        try:
-            self._check_http_key(request)
-        except Exception as e:
-            return _error_response(from_exception(e))
-        return model_list(self.config.pair_name, self.created, self.teacher_name, self.student_name)
+        return self._keyed(request, lambda: model_list(self.config.pair_name, *self._model_facts()))
 
     @app.get("/v1/models/{model_id:path}")
     async def model(self, model_id: str, request: Request) -> Any:
-        try:
-            self._check_http_key(request)
-            names = self.config.pair_name, self.created, self.teacher_name, self.student_name
-            return model_entry(model_id, *names)
-        except Exception as e:
-            return _error_response(from_exception(e))
+        return self._keyed(
+            request, lambda: model_entry(model_id, self.config.pair_name, *self._model_facts())
+        )
+
+    def _model_facts(self) -> tuple[int, str, str]:
+        return self.created, self.teacher_name, self.student_name
 
     # -- vLLM's extras: the served tokenizer, the version --------------------------------------------------
     @app.post("/tokenize")
@@ -177,9 +173,14 @@ class Ingress:
 
     @app.get("/tokenizer_info")
     async def tokenizer_info(self, request: Request) -> Any:
+        return self._keyed(request, lambda: tokenizer_info(self.prompts))
+
+    def _keyed(self, http: Request, answer: Callable[[], Any]) -> Any:
+        """`answer()` for a request with the API key (when the app has one); an error body if it lacks it or
+        `answer` raises."""
         try:
-            self._check_http_key(request)
-            return tokenizer_info(self.prompts)
+            self._check_http_key(http)
+            return answer()
         except Exception as e:
             return _error_response(from_exception(e))
 
