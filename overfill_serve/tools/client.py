@@ -226,10 +226,6 @@ class HTTPClient:
         """POST /tokenize (vLLM's): the served tokenizer's {"count", "max_model_len", "tokens"} for `prompt`."""
         return self._json("POST", "/tokenize", {"prompt": prompt, "add_special_tokens": add_special_tokens})
 
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        """POST /detokenize (vLLM's): the text of token ids."""
-        return str(self._json("POST", "/detokenize", {"tokens": list(tokens)})["prompt"])
-
     def models(self) -> list[dict[str, Any]]:
         """GET /v1/models: the `data` entries ({"id", "object", "owned_by", ...})."""
         return list(self._json("GET", "/v1/models").get("data") or [])
