@@ -20,6 +20,12 @@ def pool_full(stats: Any) -> bool:
     return stats.free_blocks == stats.total_blocks
 
 
+def wait_pools_returned(prefill: Any, decode: Any) -> None:
+    """Wait until a prefill and a decode worker hold no block and the prefill side no open transfer."""
+    wait_until(lambda: pool_full(prefill.stats()) and prefill.stats().open_transfers == 0, what="prefill")
+    wait_until(lambda: pool_full(decode.stats()), what="decode pool")
+
+
 def decode_kwargs(pair: Any, dtype: str = "float32") -> dict[str, Any]:
     """A decode worker for a test pair (a depth-pruned student needs the teacher's depth: 4 layers)."""
     return dict(

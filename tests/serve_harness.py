@@ -169,3 +169,18 @@ def serve_pair(pair: Any, app: str, **overrides: Any) -> Iterator[Any]:
     yield pair
     serve.shutdown()
     ray.shutdown()
+
+
+def openai_client() -> Any:
+    """The `openai` client on the test app's HTTP port (no retries: a failure shows at once)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{HTTP_PORT}/v1", api_key="unused", max_retries=0)
+
+
+def offline_llm(pair: Any, **engine: Any) -> Any:
+    """The offline `LLM` on a served test pair, as `pair_args` serves it (block size 4): the reference the
+    Serve tests compare with."""
+    from overfill_serve import LLM
+
+    return LLM(pair.teacher, pair.student, **{"block_size": 4, "num_kv_blocks": 128, **engine})

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-from kv_helpers import decode_kwargs, pool_full, wait_until
+from kv_helpers import decode_kwargs, wait_pools_returned
 from peer_process import SECRET
 
 from overfill_serve import LLM, SamplingParams
@@ -49,11 +49,6 @@ def _workers(pairs, backend, layerwise):
     return prefill, decode
 
 
-def _all_returned(prefill, decode):
-    wait_until(lambda: pool_full(prefill.stats()) and prefill.stats().open_transfers == 0, what="prefill")
-    wait_until(lambda: pool_full(decode.stats()), what="decode pool")
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stop_on_first_token_ships_no_kv(pairs, reference, backend):
     """Without layer-wise publishing the pull starts after the completion: not one KV byte travels."""
@@ -66,7 +61,7 @@ def test_stop_on_first_token_ships_no_kv(pairs, reference, backend):
         assert outs[-1].finished and outs[-1].finish_reason.value == want.finish_reason
         assert decode.last_transfer.backend == backend and decode.last_transfer.nbytes == 0
         assert decode.stats().finished == 1
-        _all_returned(prefill, decode)
+        wait_pools_returned(prefill, decode)
     finally:
         decode.stop()
         prefill.stop()
@@ -83,7 +78,7 @@ def test_stop_on_first_token_with_layerwise_publishing(pairs, reference, backend
         assert outs[-1].finish_reason.value == want.finish_reason
         full = 2 * len(decode.layout.kept_layers) * decode.core.cache.block_bytes * (-(-len(PROMPT) // 4))
         assert 0 <= decode.last_transfer.nbytes <= full
-        _all_returned(prefill, decode)
+        wait_pools_returned(prefill, decode)
     finally:
         decode.stop()
         prefill.stop()
@@ -101,7 +96,7 @@ def test_request_going_on_still_gets_its_kv(pairs, reference):
         full = 2 * len(decode.layout.kept_layers) * decode.core.cache.block_bytes * (-(-len(PROMPT) // 4))
         assert decode.last_transfer.nbytes == full
         assert sum(len(o.token_ids) for o in outs) >= 1
-        _all_returned(prefill, decode)
+        wait_pools_returned(prefill, decode)
     finally:
         decode.stop()
         prefill.stop()
@@ -116,7 +111,7 @@ def test_finished_claim_checked_by_the_decode_side(pairs, monkeypatch):
     try:
         with pytest.raises(ChunkError, match="finished"):
             list(decode.generate_from(prefill.submit(PROMPT, go_on)))
-        _all_returned(prefill, decode)
+        wait_pools_returned(prefill, decode)
     finally:
         decode.stop()
         prefill.stop()
@@ -134,7 +129,7 @@ def test_a_failing_transfer_hook_leaks_no_blocks(pairs, reference):
     try:
         with pytest.raises(ValueError, match="metrics bug"):
             list(decode.generate_from(prefill.submit(PROMPT, SamplingParams(max_tokens=4, temperature=0))))
-        _all_returned(prefill, decode)
+        wait_pools_returned(prefill, decode)
     finally:
         decode.stop()
         prefill.stop()

@@ -9,7 +9,7 @@ import dataclasses
 import importlib.util
 
 import pytest
-from kv_helpers import decode_kwargs, pool_full, wait_until
+from kv_helpers import decode_kwargs, wait_pools_returned
 from peer_process import SECRET
 
 from overfill_serve import LLM, SamplingParams
@@ -53,11 +53,6 @@ def workers(pairs, request):
         prefill.stop()
 
 
-def _all_returned(prefill, decode):
-    wait_until(lambda: pool_full(prefill.stats()) and prefill.stats().open_transfers == 0, what="prefill")
-    wait_until(lambda: pool_full(decode.stats()), what="decode pool")
-
-
 @pytest.mark.parametrize("name", PARAMS)
 def test_split_scores_across_the_channel(workers, reference, name):
     prefill, decode = workers
@@ -79,7 +74,7 @@ def test_split_scores_across_the_channel(workers, reference, name):
     assert decode.last_transfer.nbytes == blocks_for(kv_tokens, 4) * 2 * len(layout.kept_layers) * (
         decode.core.cache.block_bytes
     )
-    _all_returned(prefill, decode)
+    wait_pools_returned(prefill, decode)
 
 
 def test_a_completion_that_does_not_fit_the_request_is_refused(workers):
@@ -95,4 +90,4 @@ def test_a_completion_that_does_not_fit_the_request_is_refused(workers):
         with pytest.raises(ChunkError, match="scored prompt tokens|completion covers|block addresses"):
             list(decode.generate_from(dataclasses.replace(ticket, params=seen)))
         prefill.abort_transfer(ticket.transfer_id)
-    _all_returned(prefill, decode)
+    wait_pools_returned(prefill, decode)

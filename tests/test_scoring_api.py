@@ -10,7 +10,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from serve_harness import GRPC_PORT, HTTP_PORT, pools_full, post_json, serve_pair, wait_until
+from serve_harness import (
+    GRPC_PORT,
+    HTTP_PORT,
+    offline_llm,
+    openai_client,
+    pools_full,
+    post_json,
+    serve_pair,
+    wait_until,
+)
 
 pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
@@ -28,14 +37,12 @@ def served(pairs):
 
 @pytest.fixture(scope="module")
 def offline(served):
-    from overfill_serve import LLM
-
-    return LLM(served.teacher, served.student, block_size=4, num_kv_blocks=128, max_model_len=256)
+    return offline_llm(served, max_model_len=256)
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{HTTP_PORT}/v1", api_key="unused", max_retries=0)
+    return openai_client()
 
 
 def _reference(offline, mode: str, splits, k: int = 1, max_tokens: int = 0, prompts=PROMPTS):

@@ -13,6 +13,7 @@ from serve_harness import (
     GRPC_PORT,
     HTTP_PORT,
     load_app_config,
+    openai_client,
     pools_full,
     run_app,
     start_ray,
@@ -59,7 +60,7 @@ def offline(served):
 
 @pytest.fixture(scope="module")
 def client(served):
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{HTTP_PORT}/v1", api_key="unused", max_retries=0)
+    return openai_client()
 
 
 def _greedy(max_tokens=24):

@@ -13,6 +13,8 @@ import pytest
 from serve_harness import (
     GRPC_PORT,
     HTTP_PORT,
+    offline_llm,
+    openai_client,
     pools_full,
     serve_pair,
     wait_until,
@@ -33,14 +35,12 @@ def served(pairs):
 
 @pytest.fixture(scope="module")
 def offline(served):
-    from overfill_serve import LLM
-
-    return LLM(served.teacher, served.student, block_size=4, num_kv_blocks=128, max_model_len=256)
+    return offline_llm(served, max_model_len=256)
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{HTTP_PORT}/v1", api_key="unused", max_retries=0)
+    return openai_client()
 
 
 def _request(method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
