@@ -24,7 +24,7 @@ def test_shared_blocks_are_reference_counted_and_evicted_last_used_first():
     a = pool.allocate(2)
     pool.register(a[0], b"h0")
     pool.register(a[1], b"h1")
-    assert pool.share([b"h0", b"h1", b"h2"]) == a  # the longest cached prefix, one more reference each
+    assert pool.acquire([b"h0", b"h1", b"h2"], 2) == (a, 2)  # the longest cached prefix, one more ref each
     pool.free(a)
     assert pool.num_free == 2  # still referenced once
     pool.free(a)
@@ -32,11 +32,27 @@ def test_shared_blocks_are_reference_counted_and_evicted_last_used_first():
     rest = pool.allocate(2)  # never-cached blocks go first
     assert set(rest).isdisjoint(a) and pool.num_cached == 2
     evicted = pool.allocate(1)  # then the least recently used cached block: the table's last one
-    assert evicted == [a[1]] and pool.share([b"h0", b"h1"]) == [a[0]]
+    assert evicted == [a[1]] and pool.acquire([b"h0", b"h1"], 1) == ([a[0]], 1)
     pool.free(rest + evicted + [a[0]])
     assert pool.num_free == 4
     with pytest.raises(AssertionError, match="freed twice"):
         pool.free([rest[0]])
+
+
+def test_acquire_shares_the_cached_prefix_and_takes_the_rest_or_nothing():
+    pool = BlockPool(4)
+    a = pool.allocate(2)
+    pool.register(a[0], b"h0")
+    pool.register(a[1], b"h1")
+    pool.free(a)  # both cached, unreferenced: they count as free, yet sharing them frees nothing more
+    assert pool.acquire([b"h0", b"h1"], 5) is None  # 2 shared + 3 new: only 2 never-cached blocks are left
+    assert pool.num_free == 4 and pool.num_cached == 2  # nothing taken, nothing evicted
+    blocks, shared = pool.acquire([b"h0", b"h1"], 4)
+    assert shared == 2 and blocks[:2] == a and pool.num_free == 0 and pool.num_cached == 2
+    pool.free(blocks)
+    blocks, shared = pool.acquire([b"other"], 4)  # a miss: the cached blocks are evicted for it
+    assert shared == 0 and sorted(blocks) == [0, 1, 2, 3] and pool.num_cached == 0
+    pool.free(blocks)
 
 
 def test_a_block_registers_once():
@@ -45,7 +61,7 @@ def test_a_block_registers_once():
     pool.register(a, b"h")
     pool.register(b, b"h")  # the same KV computed twice: the first block stays the cached one
     pool.register(a, b"other")
-    assert pool.share([b"h"]) == [a] and pool.share([b"other"]) == []
+    assert pool.acquire([b"h"], 1) == ([a], 1) and pool.acquire([b"other"], 0) == ([], 0)
 
 
 def test_block_hashes_chain_over_blocks_and_name_the_model():

@@ -92,31 +92,31 @@ class PrefillEngine(StageEngine):
         """Give an admitted request its blocks: the cached ones of its prompt's longest cached prefix, shared
         (their tokens count as computed), then new ones. False, holding nothing, if the pool is short. A prompt
         continued after its split already holds blocks for the part computed so far."""
-        shared = self._cached_prefix(request)
-        need = blocks_for(self.reserve(request), self.block_size) - len(request.block_table) - len(shared)
-        blocks = self.pool.allocate(need)
-        if blocks is None:
-            self.pool.free(shared)
+        hashes = self._cacheable(request)
+        need = blocks_for(self.reserve(request), self.block_size) - len(request.block_table)
+        taken = self.pool.acquire(hashes or [], need)
+        if taken is None:
             return False
-        request.block_table += shared + blocks
-        request.num_computed_tokens += len(shared) * self.block_size
-        request.num_cached_tokens = max(request.num_cached_tokens, len(shared) * self.block_size)
+        blocks, shared = taken
+        request.block_table += blocks
+        request.num_computed_tokens += shared * self.block_size
+        request.num_cached_tokens = max(request.num_cached_tokens, shared * self.block_size)
+        if hashes is not None:
+            self.prefix_queries += request.num_prompt_tokens
+            self.prefix_hits += shared * self.block_size
         return True
 
-    def _cached_prefix(self, request: Request) -> list[int]:
-        """References to the cached blocks this model computed for the longest prefix of a prompt prefilled
-        from its start. Its last token is always computed here (its logits give the first token), and so is
-        every token of a scored prompt. A prompt with a split takes no part (its blocks mix two models)."""
+    def _cacheable(self, request: Request) -> list[bytes] | None:
+        """The hashes of the blocks this model computed that a prompt prefilled from its start may share (None:
+        it takes no part). Its last token is always computed here (its logits give the first token), and so
+        is every token of a scored prompt. A prompt with a split takes no part (its blocks mix two models)."""
         if not self.prefix_caching or request.params.continuation_start is not None or request.block_table:
-            return []
+            return None
         if not request.block_hashes:
             request.block_hashes = block_hashes(request.prompt_token_ids, self.block_size, self.model)
         if request.params.prompt_logprobs is not None:
-            return []
-        blocks = self.pool.share(request.block_hashes[: (request.num_prompt_tokens - 1) // self.block_size])
-        self.prefix_queries += request.num_prompt_tokens
-        self.prefix_hits += len(blocks) * self.block_size
-        return blocks
+            return None
+        return request.block_hashes[: (request.num_prompt_tokens - 1) // self.block_size]
 
     @staticmethod
     def _chunk(request: Request, budget: int) -> ScheduledSeq:

@@ -2,7 +2,7 @@
 elsewhere).
 
 Prefix caching: a block whose KV is complete can be indexed by its `block_hash` (`register`); requests whose
-prompts start with the same blocks then share it (`share` takes a reference, `free` drops one). A cached
+prompts start with the same blocks then share it (`acquire` takes a reference, `free` drops one). A cached
 block nobody references is not lost: it waits in a least-recently-used list and is only reused for other
 KV (its hash dropped) when the pool has no never-cached block left. It counts as free.
 """
@@ -61,18 +61,28 @@ class BlockPool:
         """Take n free blocks (one reference each), or None (and nothing) when fewer than n are free. Blocks
         never cached go first; then the least recently used cached ones, whose hashes are dropped."""
         with self._lock:
-            if n > self.num_free:
+            return self._take(n) if n <= self.num_free else None
+
+    def acquire(self, hashes: Sequence[bytes], n: int) -> tuple[list[int], int] | None:
+        """n blocks for one request: first the cached blocks of the longest prefix of `hashes` (shared: one
+        more reference each), then new ones; and how many were shared. None (and nothing taken) when the
+        pool is short of the new ones."""
+        with self._lock:
+            shared = []
+            for block_hash in hashes:
+                block = self._block_of.get(block_hash)
+                if block is None:
+                    break
+                shared.append(block)
+            assert len(shared) <= n, "a request shares no more blocks than it needs"
+            reclaimed = sum(1 for block in shared if not self._refs[block])  # evictable now, not once shared
+            if n - len(shared) > self.num_free - reclaimed:
                 return None
-            blocks = []
-            for _ in range(n):
-                if self._free:
-                    block = self._free.popleft()
-                else:
-                    block, _ = self._evictable.popitem(last=False)
-                    del self._block_of[self._hash_of.pop(block)]
-                self._refs[block] = 1
-                blocks.append(block)
-            return blocks
+            for block in shared:
+                if not self._refs[block]:
+                    del self._evictable[block]
+                self._refs[block] += 1
+            return shared + self._take(n - len(shared)), len(shared)
 
     def free(self, blocks: Sequence[int]) -> None:
         """Drop one reference to each block. A cached block left without any stays cached; the table's last
@@ -89,21 +99,6 @@ class BlockPool:
             for listener in self._on_free:
                 listener()
 
-    def share(self, hashes: Sequence[bytes]) -> list[int]:
-        """The cached blocks of the longest prefix of `hashes`, one new reference each (the caller frees
-        them as its own)."""
-        with self._lock:
-            blocks = []
-            for block_hash in hashes:
-                block = self._block_of.get(block_hash)
-                if block is None:
-                    break
-                if not self._refs[block]:
-                    del self._evictable[block]
-                self._refs[block] += 1
-                blocks.append(block)
-            return blocks
-
     def register(self, block: int, block_hash: bytes) -> None:
         """Index a referenced block whose KV is complete under its hash; a no-op if either is indexed already
         (another request computed the same block first)."""
@@ -112,3 +107,16 @@ class BlockPool:
             if block_hash not in self._block_of and block not in self._hash_of:
                 self._block_of[block_hash] = block
                 self._hash_of[block] = block_hash
+
+    def _take(self, n: int) -> list[int]:
+        """n free blocks, the caller holding the lock and having checked there are enough."""
+        blocks = []
+        for _ in range(n):
+            if self._free:
+                block = self._free.popleft()
+            else:
+                block, _ = self._evictable.popitem(last=False)
+                del self._block_of[self._hash_of.pop(block)]
+            self._refs[block] = 1
+            blocks.append(block)
+        return blocks
