@@ -68,10 +68,11 @@ def test_split_scores_across_the_channel(workers, reference, name):
     assert [lp.logprob for lp in scores[0]] == pytest.approx(
         [lp.logprob for lp in want.prompt_logprobs[1:]], abs=1e-5
     )
-    # Only the KV the teacher computed travels: up to the continuation start when there is one.
+    # Only the KV the teacher computed is offered: up to the continuation start when there is one (the blocks
+    # an earlier case left in the decode side's prefix cache are not sent again).
     kv_tokens = params.continuation_start or len(PROMPT)
-    layout = decode.layout
-    assert decode.last_transfer.nbytes == blocks_for(kv_tokens, 4) * 2 * len(layout.kept_layers) * (
+    layout, last = decode.layout, decode.last_transfer
+    assert last.nbytes + last.saved_bytes == blocks_for(kv_tokens, 4) * 2 * len(layout.kept_layers) * (
         decode.core.cache.block_bytes
     )
     wait_pools_returned(prefill, decode)

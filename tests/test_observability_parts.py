@@ -23,7 +23,7 @@ STATS = WorkerStats(
 
 
 def _transfer(seconds: float) -> TransferStats:
-    return TransferStats("t", "grpc", nbytes=1000, seconds=seconds, queue_seconds=0.0)
+    return TransferStats("t", "grpc", nbytes=1000, seconds=seconds, queue_seconds=0.0, saved_bytes=500)
 
 
 def _families(text: bytes) -> dict:
@@ -63,6 +63,8 @@ def test_exposition_has_every_series_with_request_and_replica_values():
     assert _value(families["overfill_swapped_requests"], "overfill_swapped_requests", **labels) == 1
     moved = families["overfill_kv_transfer_bytes"]
     assert _value(moved, "overfill_kv_transfer_bytes_total", backend="grpc", **labels) == 3000
+    saved = families["overfill_kv_transfer_saved_bytes"]
+    assert _value(saved, "overfill_kv_transfer_saved_bytes_total", backend="grpc", **labels) == 1500
     seconds = families["overfill_kv_transfer_seconds"]
     buckets = [s for s in seconds.samples if s.name.endswith("_bucket")]
     assert [s.labels["le"] for s in buckets] == [*(str(b) for b in LATENCY_BOUNDS), "+Inf"]

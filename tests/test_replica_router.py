@@ -9,7 +9,7 @@ from overfill_serve.worker.worker_stats import WorkerStats
 def _stats(
     free: int = 100, total: int = 100, running: int = 0, waiting: int = 0, queued: int = 0
 ) -> WorkerStats:
-    return WorkerStats(free, total, waiting, running, 0, queued, 0, 0.0)
+    return WorkerStats(free, total, waiting, running, 0, queued, 0, 0.0, block_size=16)
 
 
 def _decode(free: int, total: int = 100, running: int = 0, waiting: int = 0) -> WorkerStats:
@@ -42,19 +42,26 @@ def test_replicas_without_stats_rank_last_and_ties_spread():
 def test_prefill_goes_where_the_prefix_is_cached_until_its_queue_outweighs_it():
     """Work = queued prompt tokens less what the replica likely holds of this prompt."""
     idle, busy = _stats(queued=0), _stats(queued=600)
-    assert rank_replicas("prefill", [idle, busy], cached_tokens=[0, 1024])[0] == 1  # saves more than it waits
-    assert rank_replicas("prefill", [idle, busy], cached_tokens=[0, 512])[0] == 0  # a hot prefix spreads
+    assert rank_replicas("prefill", [idle, busy], cached_blocks=[0, 64])[0] == 1  # saves more than it waits
+    assert rank_replicas("prefill", [idle, busy], cached_blocks=[0, 32])[0] == 0  # a hot prefix spreads
+
+
+def test_decode_goes_where_the_prefix_is_cached_until_another_has_that_much_more_free_kv():
+    """Room = free blocks plus the blocks of this prompt the replica likely holds."""
+    holder, other = _decode(40), _decode(60)
+    assert rank_replicas("decode", [other, holder], cached_blocks=[0, 30])[0] == 1
+    assert rank_replicas("decode", [other, holder], cached_blocks=[0, 10])[0] == 0  # too full to be worth it
 
 
 def test_prefix_affinity_remembers_where_each_prompt_block_went():
-    affinity = PrefixAffinity(block_size=4, capacity=6)
+    affinity = PrefixAffinity(block_size=4, model="teacher", capacity=6)
     system, a, b = list(range(8)), [50, 51, 52, 53], [60, 61, 62, 63]
     first = affinity.hashes(system + a)
     affinity.record(first, "r1")
     second = affinity.hashes(system + b)
-    assert affinity.cached_tokens(second, "r1") == 8  # the shared two blocks, not the other question's
-    assert affinity.cached_tokens(second, "r2") == 0
+    assert affinity.cached_blocks(second, "r1") == 2  # the shared two blocks, not the other question's
+    assert affinity.cached_blocks(second, "r2") == 0
     affinity.record(second, "r2")  # the shared blocks now count for r2, the one that saw them last
-    assert affinity.cached_tokens(first, "r2") == 8 and affinity.cached_tokens(first, "r1") == 0
+    assert affinity.cached_blocks(first, "r2") == 2 and affinity.cached_blocks(first, "r1") == 0
     affinity.record(affinity.hashes(list(range(100, 124))), "r3")  # six blocks: the oldest are forgotten
-    assert affinity.cached_tokens(second, "r2") == 0
+    assert affinity.cached_blocks(second, "r2") == 0

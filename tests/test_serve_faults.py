@@ -67,16 +67,25 @@ def _post(body: dict, key: str | None = API_KEY) -> http.client.HTTPResponse:
     return conn.getresponse()
 
 
+def _prefill_hits() -> int:
+    return sum(s["prefix_hits"] for s in replica_stats(APP, "PrefillServer"))
+
+
 def test_killed_decode_replica_migrates_the_stream(served):
+    """With prefix caching on (the default) against an offline run with it off: the prompt is cached on both
+    sides first, so the stream starts from cached KV, and its re-prefill after the kill finds it again."""
     import ray
 
     from overfill_serve import LLM, SamplingParams
 
     pair = served
     max_tokens = 300
-    want = LLM(pair.teacher, pair.student, num_kv_blocks=256, block_size=4).generate(
-        PROMPT, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    )[0]
+    want = LLM(
+        pair.teacher, pair.student, num_kv_blocks=256, block_size=4, enable_prefix_caching=False
+    ).generate(PROMPT, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))[0]
+    warm = _post({"model": "tiny", "prompt": PROMPT, "max_tokens": 2, "temperature": 0, "ignore_eos": True})
+    assert warm.status == 200 and want.text.startswith(json.loads(warm.read())["choices"][0]["text"])
+    hits = _prefill_hits()
     response = _post(
         {
             "model": "tiny",
@@ -107,6 +116,8 @@ def test_killed_decode_replica_migrates_the_stream(served):
     assert all("error" not in c for c in chunks), chunks[-1]
     assert "".join(c["choices"][0]["text"] for c in chunks if c.get("choices")) == want.text
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    # Forty tokens: nine cached blocks before the last token's, found by the stream and by its re-prefill.
+    assert _prefill_hits() - hits >= 2 * 36
     wait_until(lambda: pools_full(APP), timeout=30, what="KV pools full after the migration")
 
 

@@ -25,12 +25,12 @@ def build_app_with(config: ServeConfig, options: dict[str, dict[str, Any]] | Non
     """The application with per-deployment option overrides (what a config file's `deployments:` section
     does under `serve run`), for Python callers: tests and benchmarks."""
     options = options or {}
-    caching = config.prefill.enable_prefix_caching
-    affinity = request_router_config("prefill", config.prefill.block_size if caching else None)
     prefill = PrefillServer.options(  # type: ignore[attr-defined]
-        request_router_config=affinity, **options.get("PrefillServer", {})
+        request_router_config=request_router_config("prefill", config.prefill),
+        **options.get("PrefillServer", {}),
     ).bind(config)
     decode = DecodeServer.options(  # type: ignore[attr-defined]
-        request_router_config=request_router_config("decode"), **options.get("DecodeServer", {})
+        request_router_config=request_router_config("decode", config.decode),
+        **options.get("DecodeServer", {}),
     ).bind(config)
     return Ingress.options(**options.get("Ingress", {})).bind(config, prefill, decode)  # type: ignore[attr-defined]

@@ -54,6 +54,12 @@ SERIES = _series(
     ("prefix_cache_hits", "counter", "prompt tokens found in the prefix cache", REPLICA_LABELS),
     ("prefill_tokens", "counter", "prompt tokens the replica's prefill computed", REPLICA_LABELS),
     ("kv_transfer_bytes", "counter", "KV bytes received", (*REPLICA_LABELS, "backend")),
+    (
+        "kv_transfer_saved_bytes",
+        "counter",
+        "KV bytes not transferred: the decode replica's prefix cache held them",
+        (*REPLICA_LABELS, "backend"),
+    ),
     ("kv_transfer_seconds", "histogram", "KV transfer time", (*REPLICA_LABELS, "backend")),
 )
 
@@ -88,6 +94,7 @@ class TransferTotals:
     """One backend's KV transfers into a replica since it started, as a Prometheus histogram counts them."""
 
     nbytes: int = 0
+    saved_bytes: int = 0
     seconds: float = 0.0
     counts: list[int] = field(
         default_factory=lambda: [0] * (len(LATENCY_BOUNDS) + 1)
@@ -95,6 +102,7 @@ class TransferTotals:
 
     def add(self, stats: TransferStats) -> None:
         self.nbytes += stats.nbytes
+        self.saved_bytes += stats.saved_bytes
         self.seconds += stats.seconds
         self.counts[sum(1 for bound in LATENCY_BOUNDS if bound < stats.seconds)] += 1
 
@@ -127,6 +135,8 @@ class ReplicaMetrics:
         tags = {"backend": stats.backend}
         if stats.nbytes:  # none when the request ended on its first token; Ray refuses inc(0)
             self.ray["kv_transfer_bytes"].inc(stats.nbytes, tags)
+        if stats.saved_bytes:
+            self.ray["kv_transfer_saved_bytes"].inc(stats.saved_bytes, tags)
         self.ray["kv_transfer_seconds"].observe(stats.seconds, tags)
         self.transfers.setdefault(stats.backend, TransferTotals()).add(stats)
 
@@ -170,8 +180,9 @@ def replica_families(pair_name: str, replicas: Sequence[tuple[str, dict[str, Any
         name: CounterMetricFamily(SERIES[name].name, SERIES[name].help, labels=labels)
         for name in _STATS_COUNTERS
     }
-    nbytes, seconds = SERIES["kv_transfer_bytes"], SERIES["kv_transfer_seconds"]
+    nbytes, saved, seconds = (SERIES[f"kv_transfer_{s}"] for s in ("bytes", "saved_bytes", "seconds"))
     bytes_family = CounterMetricFamily(nbytes.name, nbytes.help, labels=[*labels, "backend"])
+    saved_family = CounterMetricFamily(saved.name, saved.help, labels=[*labels, "backend"])
     seconds_family = HistogramMetricFamily(seconds.name, seconds.help, labels=[*labels, "backend"])
     for role, report in replicas:
         values = [pair_name, role, str(report.get("replica_id", ""))]
@@ -183,10 +194,12 @@ def replica_families(pair_name: str, replicas: Sequence[tuple[str, dict[str, Any
         for backend, data in (report.get("kv_transfers") or {}).items():
             totals = TransferTotals(**data)
             bytes_family.add_metric([*values, backend], totals.nbytes)
+            saved_family.add_metric([*values, backend], totals.saved_bytes)
             seconds_family.add_metric([*values, backend], totals.buckets(), totals.seconds)
     yield from gauges.values()
     yield from counters.values()
     yield bytes_family
+    yield saved_family
     yield seconds_family
 
 

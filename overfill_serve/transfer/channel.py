@@ -40,6 +40,7 @@ class TransferStats:
     nbytes: int
     seconds: float  # from the pull's start to the completion
     queue_seconds: float  # from the pull's start to the first KV byte (waiting on the prefill included)
+    saved_bytes: int = 0  # KV not sent: the blocks this side's prefix cache held already
 
     @property
     def gbps(self) -> float:
@@ -145,10 +146,11 @@ class KVChannel:
         return self
 
     def pull(
-        self, transfer_id: str, dest_blocks: list[int], num_tokens: int
+        self, transfer_id: str, dest_blocks: list[int], num_tokens: int, first_block: int = 0
     ) -> tuple[Completion, TransferStats]:
-        """Receive a transfer into dest_blocks, then release it on the prefill side. On any failure the
-        prefill side is told to abort (best effort) and a `TransferError` is raised."""
+        """Receive a transfer's blocks from `first_block` on (this side holds the KV of the ones before) into
+        dest_blocks, then release it on the prefill side. On any failure the prefill side is told to abort
+        (best effort) and a `TransferError` is raised."""
         assert self.link is not None and self.transport is not None, (
             "connect() first, on a channel that pulls"
         )
@@ -156,7 +158,7 @@ class KVChannel:
         start = time.perf_counter()
         try:
             received = self._authenticated(
-                lambda: transport.receive(self._link(), transfer_id, dest_blocks, num_tokens)
+                lambda: transport.receive(self._link(), transfer_id, dest_blocks, num_tokens, first_block)
             )
         except TransferError as e:
             self.abort(transfer_id, str(e))
@@ -169,6 +171,7 @@ class KVChannel:
             received.nbytes,
             end - start,
             (received.first_byte_at or end) - start,
+            first_block * 2 * transport.cache.block_bytes * transport.cache.num_layers,
         )
         log.debug(
             "transfer %s: %d bytes in %.4fs (%.2f GB/s, queued %.4fs) over %s",

@@ -17,12 +17,16 @@ from overfill_serve.transfer.transport import KVTransport, Link, Received, compl
 class GrpcStreamTransport(KVTransport):
     name = "grpc"
 
-    def receive(self, link: Link, transfer_id: str, dest_blocks: list[int], num_tokens: int) -> Received:
+    def receive(
+        self, link: Link, transfer_id: str, dest_blocks: list[int], num_tokens: int, first_block: int = 0
+    ) -> Received:
         cache, layout, config = self.cache, link.layout, link.config
         received: dict[int, set[int]] = {layer: set() for layer in layout.kept_layers}
         nbytes, first_byte_at = 0, 0.0
         stream = link.pull_raw(
-            pb.PullRequest(transfer_id=transfer_id, max_chunk_bytes=config.chunk_bytes),
+            pb.PullRequest(
+                transfer_id=transfer_id, max_chunk_bytes=config.chunk_bytes, first_block=first_block
+            ),
             metadata=link.metadata,
             timeout=config.timeout_seconds,
         )

@@ -226,7 +226,9 @@ class NixlTransport(KVTransport):
             raise PeerUnavailableError(f"cannot load the prefill side's NIXL agent: {e}") from None
         self._remote, self._remote_name = remote, remote.agent_name
 
-    def receive(self, link: Link, transfer_id: str, dest_blocks: list[int], num_tokens: int) -> Received:
+    def receive(
+        self, link: Link, transfer_id: str, dest_blocks: list[int], num_tokens: int, first_block: int = 0
+    ) -> Received:
         agent, remote, remote_name, cache = self._agent, self._remote, self._remote_name, self.cache
         if agent is None or remote is None or remote_name is None:
             raise TransferError("the NIXL transport is not connected")
@@ -243,7 +245,7 @@ class NixlTransport(KVTransport):
         timeout = link.config.timeout_seconds
         deadline = time.monotonic() + 2 * timeout + 2 * CANCEL_GRACE_SECONDS
         stream = link.stub.Describe(
-            pb.PullRequest(transfer_id=transfer_id),
+            pb.PullRequest(transfer_id=transfer_id, first_block=first_block),
             metadata=link.metadata,
             timeout=deadline - time.monotonic(),
         )

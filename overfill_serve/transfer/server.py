@@ -172,8 +172,7 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         chunk_bytes = min(request.max_chunk_bytes or self.config.chunk_bytes, self.config.chunk_bytes)
         per_chunk = max(1, chunk_bytes // (2 * self.cache.block_bytes))
         complete = await self._read(context, tid)
-        async for layer, transfer in self._layers(context, tid, layout):
-            blocks = list(transfer.block_ids)
+        async for layer, blocks in self._layers(context, request, layout):
             for start in range(0, len(blocks), per_chunk):
                 run = blocks[start : start + per_chunk]
                 parts = self.cache.block_bytes_parts(layer, run)
@@ -192,10 +191,8 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Describe needs a NIXL handshake")
         tid = request.transfer_id
         complete = await self._read(context, tid, linger=READ_GRACE_SECONDS)
-        async for layer, transfer in self._layers(context, tid, layout):
-            yield auth.sign_message(
-                session.chunk_key, self.nixl_source.describe(layer, list(transfer.block_ids))
-            )
+        async for layer, blocks in self._layers(context, request, layout):
+            yield auth.sign_message(session.chunk_key, self.nixl_source.describe(layer, blocks))
         completion = await self._completion(context, tid)
         complete.set()
         yield auth.sign_message(session.chunk_key, pb.LayerReady(done=completion_to_pb(completion)))
@@ -226,15 +223,23 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         return complete
 
     async def _layers(
-        self, context: Any, transfer_id: str, layout: KVLayout
-    ) -> AsyncIterator[tuple[int, Transfer]]:
-        """Each kept layer with its transfer, once that layer is final; none after the completion says the
-        request ended on its first token (the decode side needs no KV then: `done` follows at once)."""
+        self, context: Any, request: pb.PullRequest, layout: KVLayout
+    ) -> AsyncIterator[tuple[int, list[int]]]:
+        """Each kept layer with the transfer's blocks to send (from the pull's first block on), once that layer
+        is final; none after the completion says the request ended on its first token (the decode side
+        needs no KV then: `done` follows at once)."""
         for layer in layout.kept_layers:
-            transfer = await self._layer(context, transfer_id, layer)
+            transfer = await self._layer(context, request.transfer_id, layer)
             if transfer.finished:
                 return
-            yield layer, transfer
+            blocks = list(transfer.block_ids)
+            if request.first_block >= len(blocks):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"transfer {request.transfer_id} has {len(blocks)} blocks: none from block "
+                    f"{request.first_block} on",
+                )
+            yield layer, blocks[request.first_block :]
 
     async def _layer(self, context: Any, transfer_id: str, layer: int) -> Transfer:
         """The transfer once `layer`'s KV is final and in memory."""

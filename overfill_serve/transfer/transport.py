@@ -57,10 +57,13 @@ class KVTransport(ABC):
         """Handshake done: e.g. load the remote NIXL agent."""
 
     @abstractmethod
-    def receive(self, link: Link, transfer_id: str, dest_blocks: list[int], num_tokens: int) -> Received:
-        """Fill dest_blocks (this side's pool) with the KV of the transfer's num_tokens prompt tokens, kept
-        layers only (fewer when the completion says the request finished on its first token); return the
-        completion. Raises a `TransferError`; writes nothing outside dest_blocks."""
+    def receive(
+        self, link: Link, transfer_id: str, dest_blocks: list[int], num_tokens: int, first_block: int = 0
+    ) -> Received:
+        """Fill dest_blocks (this side's pool) with the KV of the transfer's blocks from `first_block` on
+        (this side holds the ones before), of its num_tokens prompt tokens, kept layers only (fewer when the
+        completion says the request finished on its first token); return the completion. Raises a
+        `TransferError`; writes nothing outside dest_blocks."""
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         pass

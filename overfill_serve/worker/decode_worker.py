@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from overfill_serve.transfer.waiting import until_changed
 from overfill_serve.worker.model_worker import ModelWorker
 from overfill_serve.worker.output_stream import OutputStream
 from overfill_serve.worker.prefill_worker import TransferTicket
+from overfill_serve.worker.worker_stats import WorkerStats
 
 RECHECK_SECONDS = 0.1  # a waiter for blocks also re-checks this often (a swapped request may have come back)
 
@@ -64,11 +66,22 @@ class DecodeWorker(ModelWorker):
         self._lock = threading.Lock()
         self.last_transfer: TransferStats | None = None
         self.on_transfer: Callable[[TransferStats], None] | None = None  # per-transfer metrics hook
+        self.prefix_queries = self.prefix_hits = 0  # offered KV tokens looked up in / found in the cache
 
     def stop(self) -> None:
         super().stop()
         for channel in self._channels.values():
             channel.close()
+
+    def stats(self) -> WorkerStats:
+        """The student's own prefill (the `pruned` mode) and the received KV both count in the prefix cache's
+        queries and hits."""
+        stats = super().stats()
+        return replace(
+            stats,
+            prefix_queries=stats.prefix_queries + self.prefix_queries,
+            prefix_hits=stats.prefix_hits + self.prefix_hits,
+        )
 
     def channel(self, address: str) -> KVChannel:
         """The authenticated channel to a prefill worker, opened on first use."""
@@ -100,11 +113,13 @@ class DecodeWorker(ModelWorker):
             ticket.resume,
         )
         try:
-            # The whole prompt's blocks: after a continuation start the student computes the rest here.
-            blocks = await self._allocate(
-                blocks_for(ticket.num_prompt_tokens, self.config.block_size), ticket
-            )
-            receive = asyncio.get_running_loop().run_in_executor(None, self._receive, ticket, blocks)
+            # The whole prompt's blocks (after a continuation start the student computes the rest here), the
+            # first ones shared from the prefix cache when it holds the teacher's KV of them; the block with
+            # the last offered token always travels (a pull sends at least one block).
+            bs = self.config.block_size
+            cached = self._cacheable(ticket)[: (ticket.num_kv_tokens - 1) // bs]
+            blocks, shared = await self._allocate(blocks_for(ticket.num_prompt_tokens, bs), cached, ticket)
+            receive = asyncio.get_running_loop().run_in_executor(None, self._receive, ticket, blocks, shared)
             try:
                 completion, blocks = await asyncio.shield(receive)
             except asyncio.CancelledError:
@@ -120,14 +135,16 @@ class DecodeWorker(ModelWorker):
         request.mark(RequestStatus.KV_IN_FLIGHT)
         return request, completion
 
-    def _receive(self, ticket: TransferTicket, blocks: list[int]) -> tuple[Completion, list[int]]:
-        """The completion and the request's blocks, the KV in the first ones: none when the request ended on
-        its first token (the pull stopped early; the engine finishes it on that token, so its blocks go back
-        now)."""
+    def _receive(
+        self, ticket: TransferTicket, blocks: list[int], shared: int
+    ) -> tuple[Completion, list[int]]:
+        """The completion and the request's blocks, the KV in the first ones (the first `shared` of them from
+        the prefix cache, the rest pulled, then cached in turn): none when the request ended on its first token
+        (the pull stopped early; the engine finishes it on that token, so its blocks go back now)."""
         try:
             kv_blocks = blocks[: blocks_for(ticket.num_kv_tokens, self.config.block_size)]
             completion, self.last_transfer = self.channel(ticket.address).pull(
-                ticket.transfer_id, kv_blocks, ticket.num_kv_tokens
+                ticket.transfer_id, kv_blocks[shared:], ticket.num_kv_tokens, first_block=shared
             )
             self._check_completion(ticket, completion)
             if self.on_transfer is not None:
@@ -137,8 +154,16 @@ class DecodeWorker(ModelWorker):
             raise
         if completion.finished:
             self.core.pool.free(blocks)
-            blocks = []
+            return completion, []
+        for block, block_hash in zip(blocks[shared:], self._cacheable(ticket)[shared:]):
+            self.core.pool.register(block, block_hash)
         return completion, blocks
+
+    def _cacheable(self, ticket: TransferTicket) -> list[bytes]:
+        """The teacher's hashes of the offered KV's full blocks, when this replica caches prefixes (each is the
+        teacher's KV of its tokens whoever pulls it; the student writes only after the prompt)."""
+        whole = len(ticket.block_hashes) == ticket.num_kv_tokens // self.config.block_size
+        return list(ticket.block_hashes) if self.config.enable_prefix_caching and whole else []
 
     def _check_completion(self, ticket: TransferTicket, completion: Completion) -> None:
         """What the peer says must fit the request: a first token unless its KV stops at the continuation
@@ -167,9 +192,10 @@ class DecodeWorker(ModelWorker):
         if not receive.cancelled() and receive.exception() is None:
             self.core.pool.free(receive.result()[1])
 
-    async def _allocate(self, n: int, ticket: TransferTicket) -> list[int]:
-        """Blocks for an incoming transfer, waiting (bounded) for running requests to free some, while the
-        prefill side's lease on the KV is renewed. Swapped-out requests come first: a new request takes no
+    async def _allocate(self, n: int, hashes: list[bytes], ticket: TransferTicket) -> tuple[list[int], int]:
+        """n blocks for an incoming transfer, the cached blocks of the longest prefix of `hashes` first (and
+        how many those are), waiting (bounded) for running requests to free some, while the prefill side's
+        lease on the KV is renewed. Swapped-out requests come first: a new request takes no
         blocks while one waits to come back. No blocks in time: the request is given back (re-prefilled and
         placed again by the dispatcher)."""
         pool, decode = self.core.pool, self.core.decode[self.model_name]
@@ -180,11 +206,13 @@ class DecodeWorker(ModelWorker):
         deadline, renew_at = now + self.transfer.timeout_seconds, now  # the lease may be nearly over already
         while True:
             wait = max(0.0, min(RECHECK_SECONDS, renew_at - now, deadline - now))
-            blocks = await until_changed(
-                pool.subscribe, lambda: None if decode.swapped else pool.allocate(n), wait
+            taken = await until_changed(
+                pool.subscribe, lambda: None if decode.swapped else pool.acquire(hashes, n), wait
             )
-            if blocks is not None:
-                return blocks
+            if taken is not None:
+                self.prefix_queries += ticket.num_kv_tokens if self.config.enable_prefix_caching else 0
+                self.prefix_hits += taken[1] * self.config.block_size
+                return taken
             now = loop.time()
             if now >= deadline:  # the KV will be prefilled again: this copy need not wait for its lease
                 reason = "the decode replica had no room for it in time"

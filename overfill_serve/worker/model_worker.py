@@ -79,6 +79,7 @@ class ModelWorker:
             prefix_queries=sum(p.prefix_queries for p in core.prefill.values()),
             prefix_hits=sum(p.prefix_hits for p in core.prefill.values()),
             prefill_tokens=sum(p.computed_tokens for p in core.prefill.values()),
+            block_size=self.config.block_size,
         )
 
     def stop(self) -> None:

@@ -18,6 +18,7 @@ import torch
 from overfill_serve.engine.batch import Batch
 from overfill_serve.engine.output_processor import StepOutput
 from overfill_serve.engine.stage import Prefilled
+from overfill_serve.kv.block_hash import block_hashes
 from overfill_serve.model.spec import KVLayout
 from overfill_serve.request import RequestStatus, Resume
 from overfill_serve.sampling_params import SamplingParams
@@ -42,6 +43,9 @@ class TransferTicket:
     resume: Resume | None = None  # a migrated request: where its decode continues
     # A request that ended on its first token (max_tokens=1): its outputs; no KV is offered, nothing to pull.
     outputs: tuple[StepOutput, ...] = ()
+    # The handover names the KV offered by block: the teacher's `block_hash` of each of its full blocks. A
+    # decode replica whose prefix cache holds the first ones pulls only the rest.
+    block_hashes: tuple[bytes, ...] = ()
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -98,6 +102,7 @@ class PrefillWorker(ModelWorker):
             self.core.add(request, self.model_name, decode=None)
 
         self.loop.call(admit)
+        offered = request.prompt_token_ids[: request.prefill_stop]
         return TransferTicket(
             transfer_id,
             self.address,
@@ -105,6 +110,7 @@ class PrefillWorker(ModelWorker):
             tuple(request.prompt_token_ids),
             params,
             resume,
+            block_hashes=tuple(block_hashes(offered, self.config.block_size, self.model_name)),
         )
 
     async def asubmit(

@@ -22,6 +22,7 @@ class WorkerStats:
     prefix_queries: int = 0  # prompt tokens looked up in the prefix cache, since the worker started
     prefix_hits: int = 0  # ... and found there
     prefill_tokens: int = 0  # prompt tokens the prefill engines computed, since the worker started
+    block_size: int = 0  # tokens per KV block
 
     @property
     def num_requests(self) -> int:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1doverfill/v1/kv_transfer.proto\x12\x0boverfill.v1\"\x12\n\x10\x43hallengeRequest\")\n\x11\x43hallengeResponse\x12\x14\n\x0cserver_nonce\x18\x01 \x01(\x0c\"\x9c\x01\n\x10HandshakeRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x14\n\x0cserver_nonce\x18\x02 \x01(\x0c\x12\x14\n\x0c\x63lient_nonce\x18\x03 \x01(\x0c\x12\x0e\n\x06layout\x18\x04 \x01(\x0c\x12\x0b\n\x03mac\x18\x05 \x01(\x0c\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x1b\n\x13nixl_agent_metadata\x18\x07 \x01(\x0c\"w\n\x11HandshakeResponse\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0b\n\x03mac\x18\x02 \x01(\x0c\x12\x0e\n\x06layout\x18\x03 \x01(\x0c\x12\x1b\n\x13nixl_agent_metadata\x18\x04 \x01(\x0c\x12\x17\n\x0fnixl_agent_name\x18\x05 \x01(\t\";\n\x0bPullRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\r\"^\n\x07KVChunk\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12%\n\x04\x64one\x18\x03 \x01(\x0b\x32\x17.overfill.v1.Completion\x12\x0b\n\x03mac\x18\x05 \x01(\x0c\"\x8a\x02\n\nCompletion\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x13\n\x0bhas_logprob\x18\x03 \x01(\x08\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12\x0f\n\x07top_ids\x18\x05 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x06 \x03(\x02\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\x31\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x18.overfill.v1.ScoredToken\x12\x18\n\x10prompt_continues\x18\t \x01(\x08\x12\x0c\n\x04rank\x18\n \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x0b \x01(\r\"e\n\x0bScoredToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0f\n\x07top_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\x12\x0c\n\x04rank\x18\x05 \x01(\r\"\xa1\x01\n\nLayerReady\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x14\n\x0c\x62\x61se_address\x18\x02 \x01(\x04\x12\x11\n\taddresses\x18\x03 \x03(\x04\x12\x13\n\x0b\x62lock_bytes\x18\x04 \x01(\x04\x12%\n\x04\x64one\x18\x05 \x01(\x0b\x32\x17.overfill.v1.Completion\x12\x12\n\npool_bytes\x18\x06 \x01(\x04\x12\x0b\n\x03mac\x18\x07 \x01(\x0c\"\"\n\x0bTransferRef\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"3\n\x0c\x41\x62ortRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x05\n\x03\x41\x63k\"%\n\rLeaseResponse\x12\x14\n\x0cseconds_left\x18\x01 \x01(\x01\x32\xd0\x03\n\nKVTransfer\x12J\n\tChallenge\x12\x1d.overfill.v1.ChallengeRequest\x1a\x1e.overfill.v1.ChallengeResponse\x12J\n\tHandshake\x12\x1d.overfill.v1.HandshakeRequest\x1a\x1e.overfill.v1.HandshakeResponse\x12\x38\n\x04Pull\x12\x18.overfill.v1.PullRequest\x1a\x14.overfill.v1.KVChunk0\x01\x12?\n\x08\x44\x65scribe\x12\x18.overfill.v1.PullRequest\x1a\x17.overfill.v1.LayerReady0\x01\x12\x35\n\x07Release\x12\x18.overfill.v1.TransferRef\x1a\x10.overfill.v1.Ack\x12\x42\n\nRenewLease\x12\x18.overfill.v1.TransferRef\x1a\x1a.overfill.v1.LeaseResponse\x12\x34\n\x05\x41\x62ort\x12\x19.overfill.v1.AbortRequest\x1a\x10.overfill.v1.Ackb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1doverfill/v1/kv_transfer.proto\x12\x0boverfill.v1\"\x12\n\x10\x43hallengeRequest\")\n\x11\x43hallengeResponse\x12\x14\n\x0cserver_nonce\x18\x01 \x01(\x0c\"\x9c\x01\n\x10HandshakeRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x14\n\x0cserver_nonce\x18\x02 \x01(\x0c\x12\x14\n\x0c\x63lient_nonce\x18\x03 \x01(\x0c\x12\x0e\n\x06layout\x18\x04 \x01(\x0c\x12\x0b\n\x03mac\x18\x05 \x01(\x0c\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x1b\n\x13nixl_agent_metadata\x18\x07 \x01(\x0c\"w\n\x11HandshakeResponse\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0b\n\x03mac\x18\x02 \x01(\x0c\x12\x0e\n\x06layout\x18\x03 \x01(\x0c\x12\x1b\n\x13nixl_agent_metadata\x18\x04 \x01(\x0c\x12\x17\n\x0fnixl_agent_name\x18\x05 \x01(\t\"P\n\x0bPullRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x03 \x01(\r\"^\n\x07KVChunk\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12%\n\x04\x64one\x18\x03 \x01(\x0b\x32\x17.overfill.v1.Completion\x12\x0b\n\x03mac\x18\x05 \x01(\x0c\"\x8a\x02\n\nCompletion\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x13\n\x0bhas_logprob\x18\x03 \x01(\x08\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12\x0f\n\x07top_ids\x18\x05 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x06 \x03(\x02\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\x31\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x18.overfill.v1.ScoredToken\x12\x18\n\x10prompt_continues\x18\t \x01(\x08\x12\x0c\n\x04rank\x18\n \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x0b \x01(\r\"e\n\x0bScoredToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0f\n\x07top_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\x12\x0c\n\x04rank\x18\x05 \x01(\r\"\xa1\x01\n\nLayerReady\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x14\n\x0c\x62\x61se_address\x18\x02 \x01(\x04\x12\x11\n\taddresses\x18\x03 \x03(\x04\x12\x13\n\x0b\x62lock_bytes\x18\x04 \x01(\x04\x12%\n\x04\x64one\x18\x05 \x01(\x0b\x32\x17.overfill.v1.Completion\x12\x12\n\npool_bytes\x18\x06 \x01(\x04\x12\x0b\n\x03mac\x18\x07 \x01(\x0c\"\"\n\x0bTransferRef\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"3\n\x0c\x41\x62ortRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x05\n\x03\x41\x63k\"%\n\rLeaseResponse\x12\x14\n\x0cseconds_left\x18\x01 \x01(\x01\x32\xd0\x03\n\nKVTransfer\x12J\n\tChallenge\x12\x1d.overfill.v1.ChallengeRequest\x1a\x1e.overfill.v1.ChallengeResponse\x12J\n\tHandshake\x12\x1d.overfill.v1.HandshakeRequest\x1a\x1e.overfill.v1.HandshakeResponse\x12\x38\n\x04Pull\x12\x18.overfill.v1.PullRequest\x1a\x14.overfill.v1.KVChunk0\x01\x12?\n\x08\x44\x65scribe\x12\x18.overfill.v1.PullRequest\x1a\x17.overfill.v1.LayerReady0\x01\x12\x35\n\x07Release\x12\x18.overfill.v1.TransferRef\x1a\x10.overfill.v1.Ack\x12\x42\n\nRenewLease\x12\x18.overfill.v1.TransferRef\x1a\x1a.overfill.v1.LeaseResponse\x12\x34\n\x05\x41\x62ort\x12\x19.overfill.v1.AbortRequest\x1a\x10.overfill.v1.Ackb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,23 +40,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HANDSHAKERESPONSE']._serialized_start=268
   _globals['_HANDSHAKERESPONSE']._serialized_end=387
   _globals['_PULLREQUEST']._serialized_start=389
-  _globals['_PULLREQUEST']._serialized_end=448
-  _globals['_KVCHUNK']._serialized_start=450
-  _globals['_KVCHUNK']._serialized_end=544
-  _globals['_COMPLETION']._serialized_start=547
-  _globals['_COMPLETION']._serialized_end=813
-  _globals['_SCOREDTOKEN']._serialized_start=815
-  _globals['_SCOREDTOKEN']._serialized_end=916
-  _globals['_LAYERREADY']._serialized_start=919
-  _globals['_LAYERREADY']._serialized_end=1080
-  _globals['_TRANSFERREF']._serialized_start=1082
-  _globals['_TRANSFERREF']._serialized_end=1116
-  _globals['_ABORTREQUEST']._serialized_start=1118
-  _globals['_ABORTREQUEST']._serialized_end=1169
-  _globals['_ACK']._serialized_start=1171
-  _globals['_ACK']._serialized_end=1176
-  _globals['_LEASERESPONSE']._serialized_start=1178
-  _globals['_LEASERESPONSE']._serialized_end=1215
-  _globals['_KVTRANSFER']._serialized_start=1218
-  _globals['_KVTRANSFER']._serialized_end=1682
+  _globals['_PULLREQUEST']._serialized_end=469
+  _globals['_KVCHUNK']._serialized_start=471
+  _globals['_KVCHUNK']._serialized_end=565
+  _globals['_COMPLETION']._serialized_start=568
+  _globals['_COMPLETION']._serialized_end=834
+  _globals['_SCOREDTOKEN']._serialized_start=836
+  _globals['_SCOREDTOKEN']._serialized_end=937
+  _globals['_LAYERREADY']._serialized_start=940
+  _globals['_LAYERREADY']._serialized_end=1101
+  _globals['_TRANSFERREF']._serialized_start=1103
+  _globals['_TRANSFERREF']._serialized_end=1137
+  _globals['_ABORTREQUEST']._serialized_start=1139
+  _globals['_ABORTREQUEST']._serialized_end=1190
+  _globals['_ACK']._serialized_start=1192
+  _globals['_ACK']._serialized_end=1197
+  _globals['_LEASERESPONSE']._serialized_start=1199
+  _globals['_LEASERESPONSE']._serialized_end=1236
+  _globals['_KVTRANSFER']._serialized_start=1239
+  _globals['_KVTRANSFER']._serialized_end=1703
 # @@protoc_insertion_point(module_scope)

@@ -49,12 +49,14 @@ class HandshakeResponse(_message.Message):
     def __init__(self, session: _Optional[str] = ..., mac: _Optional[bytes] = ..., layout: _Optional[bytes] = ..., nixl_agent_metadata: _Optional[bytes] = ..., nixl_agent_name: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("transfer_id", "max_chunk_bytes")
+    __slots__ = ("transfer_id", "max_chunk_bytes", "first_block")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     max_chunk_bytes: int
-    def __init__(self, transfer_id: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    first_block: int
+    def __init__(self, transfer_id: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., first_block: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("header", "payload", "done", "mac")
