@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+
+import pytest
+from peer_process import SECRET
+
+HAS_NIXL = importlib.util.find_spec("nixl") is not None
+BACKENDS = ["grpc", pytest.param("nixl", marks=pytest.mark.skipif(not HAS_NIXL, reason="no nixl"))]
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> None:
@@ -39,3 +47,22 @@ def fragment(pool: Any, rng: Any) -> list[int]:
     rng.shuffle(held)
     pool.free(held[: pool.num_blocks // 2])
     return held[pool.num_blocks // 2 :]
+
+
+@contextlib.contextmanager
+def worker_pair(pair: Any, config: Any) -> Iterator[tuple[Any, Any]]:
+    """A started prefill and decode worker of a test pair (block size 4) sharing the test cluster secret, NIXL's
+    UCX on loopback; stopped after."""
+    from overfill_serve.worker.decode_worker import DecodeWorker
+    from overfill_serve.worker.prefill_worker import PrefillWorker
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OVERFILL_CLUSTER_SECRET", SECRET)
+        env.setenv("UCX_NET_DEVICES", "lo")
+        prefill = PrefillWorker(pair.teacher, transfer=config, block_size=4, num_kv_blocks=64).start()
+        decode = DecodeWorker(pair.student, transfer=config, **decode_kwargs(pair)).start()
+        try:
+            yield prefill, decode
+        finally:
+            decode.stop()
+            prefill.stop()

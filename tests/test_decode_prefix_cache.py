@@ -5,11 +5,8 @@ the blocks it lacks — over gRPC and (where installed) NIXL. Real workers on lo
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
-from kv_helpers import decode_kwargs, wait_pools_returned
-from peer_process import SECRET
+from kv_helpers import BACKENDS, decode_kwargs, wait_pools_returned, worker_pair
 from reference import load_hf, overfill_greedy
 
 from overfill_serve import SamplingParams
@@ -20,8 +17,6 @@ from overfill_serve.worker.decode_worker import DecodeWorker
 from overfill_serve.worker.prefill_worker import PrefillWorker
 
 BS = 4
-HAS_NIXL = importlib.util.find_spec("nixl") is not None
-BACKENDS = ["grpc", pytest.param("nixl", marks=pytest.mark.skipif(not HAS_NIXL, reason="no nixl"))]
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 
 
@@ -33,16 +28,9 @@ def hf(pairs):
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def workers(pairs, request):
-    pair = pairs["depth"]
     config = TransferConfig(backend=request.param, chunk_bytes=1024, timeout_seconds=10.0)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("OVERFILL_CLUSTER_SECRET", SECRET)
-        env.setenv("UCX_NET_DEVICES", "lo")  # NIXL's UCX over loopback
-        prefill = PrefillWorker(pair.teacher, transfer=config, block_size=BS, num_kv_blocks=64).start()
-        decode = DecodeWorker(pair.student, transfer=config, **decode_kwargs(pair)).start()
+    with worker_pair(pairs["depth"], config) as (prefill, decode):
         yield prefill, decode, request.param
-        decode.stop()
-        prefill.stop()
 
 
 def _kv_bytes(decode: DecodeWorker, blocks: int) -> int:

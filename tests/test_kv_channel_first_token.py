@@ -6,10 +6,8 @@ the reference."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
-from kv_helpers import decode_kwargs, wait_pools_returned
+from kv_helpers import BACKENDS, decode_kwargs, wait_pools_returned
 from peer_process import SECRET
 
 from overfill_serve import LLM, SamplingParams
@@ -19,8 +17,6 @@ from overfill_serve.worker.decode_worker import DecodeWorker
 from overfill_serve.worker.prefill_worker import PrefillWorker
 
 PROMPT = list(range(10, 47))
-HAS_NIXL = importlib.util.find_spec("nixl") is not None
-BACKENDS = ["grpc", pytest.param("nixl", marks=pytest.mark.skipif(not HAS_NIXL, reason="no nixl"))]
 
 
 @pytest.fixture(autouse=True)

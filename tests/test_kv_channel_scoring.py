@@ -6,23 +6,17 @@ transformers in test_scoring.py — is the reference."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import pytest
-from kv_helpers import decode_kwargs, wait_pools_returned
-from peer_process import SECRET
+from kv_helpers import BACKENDS, wait_pools_returned, worker_pair
 
 from overfill_serve import LLM, SamplingParams
 from overfill_serve.errors import ChunkError
 from overfill_serve.kv.paged_cache import blocks_for
 from overfill_serve.transfer.config import TransferConfig
-from overfill_serve.worker.decode_worker import DecodeWorker
-from overfill_serve.worker.prefill_worker import PrefillWorker
 
 PROMPT = list(range(10, 47))  # 37 tokens
 SPLIT = 13
-HAS_NIXL = importlib.util.find_spec("nixl") is not None
-BACKENDS = ["grpc", pytest.param("nixl", marks=pytest.mark.skipif(not HAS_NIXL, reason="no nixl"))]
 PARAMS = {
     "score": SamplingParams(max_tokens=0, prompt_logprobs=2, continuation_start=SPLIT),
     "score+generate": SamplingParams(
@@ -41,16 +35,9 @@ def reference(pairs):
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def workers(pairs, request):
-    pair = pairs["depth"]
     config = TransferConfig(backend=request.param, chunk_bytes=1024, timeout_seconds=10.0)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("OVERFILL_CLUSTER_SECRET", SECRET)
-        env.setenv("UCX_NET_DEVICES", "lo")  # NIXL's UCX over loopback
-        prefill = PrefillWorker(pair.teacher, transfer=config, block_size=4, num_kv_blocks=64).start()
-        decode = DecodeWorker(pair.student, transfer=config, **decode_kwargs(pair)).start()
-        yield prefill, decode
-        decode.stop()
-        prefill.stop()
+    with worker_pair(pairs["depth"], config) as both:
+        yield both
 
 
 @pytest.mark.parametrize("name", PARAMS)
