@@ -6,7 +6,8 @@ prefill may reuse (the teacher's own prompt blocks, never what the student compu
 from __future__ import annotations
 
 import pytest
-from conftest import PAIR_KINDS
+from conftest import ENGINES, PAIR_KINDS
+from reference import load_hf, overfill_greedy
 
 from overfill_serve import LLM, SamplingParams
 from overfill_serve.kv.block_hash import block_hashes
@@ -103,6 +104,21 @@ def test_caching_changes_no_output_in_any_mode(pairs, kind):
         assert [o.num_cached_tokens for o in first] == before, mode
         assert [o.num_cached_tokens for o in second] == cached, mode
         assert all(o.num_cached_tokens == 0 for o in _run(off, prompts, mode))
+
+
+def test_the_gpu_path_reads_cached_blocks_as_transformers_computes(pairs):
+    """The GPU engine path (the Triton kernels, interpreted here; CUDA-graph buffers; 16-token chunks): a
+    prefill that starts after a cached prefix attends to the shared blocks; outputs equal transformers'
+    OverFill by hand."""
+    pair = pairs["depth"]
+    teacher, student = load_hf(pair.teacher), load_hf(pair.student)
+    prompts = [SYSTEM + q for q in QUESTIONS]
+    want = [overfill_greedy(teacher, student, p, GREEDY.max_tokens, pair.kept_layers)[0] for p in prompts]
+    llm = _llm(pair, True, **ENGINES["gpu_path"])
+    cold = _run(llm, prompts, "overfill")
+    warm = [_run(llm, [p], "overfill")[0] for p in prompts]  # one at a time: each finds the shared prefix
+    assert [o.token_ids for o in cold] == want and [o.token_ids for o in warm] == want
+    assert [o.num_cached_tokens for o in warm] == [(len(p) - 1) // BS * BS for p in prompts]
 
 
 def test_a_second_turn_reuses_the_teachers_prompt_blocks_not_the_students_answer(width_pair):
