@@ -5,13 +5,17 @@ the blocks it lacks — over gRPC and (where installed) NIXL. Real workers on lo
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
+from conftest import edited_checkpoint
 from kv_helpers import BACKENDS, decode_kwargs, wait_pools_returned, worker_pair
 from reference import load_hf, overfill_greedy
 
 from overfill_serve import SamplingParams
 from overfill_serve.errors import ChunkError, TransferError
 from overfill_serve.kv.paged_cache import blocks_for
+from overfill_serve.model.loader import checkpoint_fingerprint
 from overfill_serve.transfer.config import TransferConfig
 from overfill_serve.worker.decode_worker import DecodeWorker
 from overfill_serve.worker.prefill_worker import PrefillWorker
@@ -126,3 +130,36 @@ def test_a_decode_worker_without_prefix_caching_pulls_everything(pairs, workers)
         wait_pools_returned(prefill, decode)
     finally:
         decode.stop()
+
+
+def _scale_k_proj(tensors):
+    tensors["model.layers.0.self_attn.k_proj.weight"] *= 2  # layer 0: one the depth-pruned student keeps
+
+
+def test_a_checkpoint_fingerprint_names_the_weights_not_the_copy(pairs, tmp_path):
+    teacher = pairs["depth"].teacher
+    copy = shutil.copytree(teacher, tmp_path / "copy")  # e.g. the same checkpoint on another node
+    resaved = edited_checkpoint(teacher, tmp_path / "resaved", lambda tensors: None)
+    edited = edited_checkpoint(resaved, tmp_path / "edited", _scale_k_proj)
+    assert checkpoint_fingerprint(copy) == checkpoint_fingerprint(teacher)
+    assert checkpoint_fingerprint(edited) != checkpoint_fingerprint(resaved)
+
+
+def test_blocks_another_teacher_checkpoint_computed_are_never_shared(workers, hf, pairs, tmp_path):
+    """Two prefill workers whose teachers differ in one tensor (as mid-redeploy): the decode worker holds the
+    first one's blocks of a prompt, yet pulls the second one's in full, and decodes on them."""
+    prefill, decode, _ = workers
+    _, student, kept = hf
+    edited = edited_checkpoint(pairs["depth"].teacher, tmp_path / "edited", _scale_k_proj)
+    other = PrefillWorker(edited, transfer=prefill.server.config, block_size=BS, num_kv_blocks=64).start()
+    try:
+        prompt = list(range(150, 171))
+        _disaggregated(prefill, decode, prompt)  # the first teacher's blocks now cached on the decode side
+        tokens = _disaggregated(other, decode, prompt)
+        assert decode.last_transfer.saved_bytes == 0
+        assert tokens == overfill_greedy(load_hf(edited), student, prompt, GREEDY.max_tokens, kept)[0]
+        _disaggregated(prefill, decode, prompt)
+        assert decode.last_transfer.saved_bytes == _kv_bytes(decode, (len(prompt) - 1) // BS)
+        wait_pools_returned(other, decode)
+    finally:
+        other.stop()

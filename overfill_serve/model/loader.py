@@ -7,6 +7,7 @@ as it is placed (`padding.py`). Every missing, unexpected or mis-shaped tensor i
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -42,6 +43,28 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
         raise WeightLoadError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
     with safe_open(str(single), framework="pt") as f:
         return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+
+
+def checkpoint_fingerprint(model_dir: str | Path, sample_bytes: int = 64) -> str:
+    """A name for the weights in `model_dir` that two copies share and a retrained or edited checkpoint does
+    not: config.json, each safetensors file's header (tensor names, dtypes, shapes, offsets) and a few bytes
+    at the start, middle and end of every tensor (an update changes nearly every value of a tensor it
+    touches). Reads a few KiB a tensor, so it costs nothing next to loading."""
+    model_dir = Path(model_dir)
+    digest = hashlib.blake2b((model_dir / "config.json").read_bytes(), digest_size=16)
+    for path in sorted(set(checkpoint_files(model_dir).values())):
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = f.read(size)
+            digest.update(len(header).to_bytes(8, "little") + header)
+            for entry in json.loads(header).values():
+                if "data_offsets" not in entry:
+                    continue  # __metadata__
+                begin, end = (8 + size + offset for offset in entry["data_offsets"])
+                for at in sorted({begin, (begin + end) // 2, max(begin, end - sample_bytes)}):
+                    f.seek(at)
+                    digest.update(f.read(min(sample_bytes, end - at)))
+    return digest.hexdigest()
 
 
 def checkpoint_sources(spec: ModelSpec) -> dict[str, list[str]]:

@@ -19,6 +19,7 @@ from overfill_serve.engine.batch import Batch
 from overfill_serve.engine.output_processor import StepOutput
 from overfill_serve.engine.stage import Prefilled
 from overfill_serve.kv.block_hash import block_hashes
+from overfill_serve.model.loader import checkpoint_fingerprint
 from overfill_serve.model.spec import KVLayout
 from overfill_serve.request import RequestStatus, Resume
 from overfill_serve.sampling_params import SamplingParams
@@ -43,8 +44,9 @@ class TransferTicket:
     resume: Resume | None = None  # a migrated request: where its decode continues
     # A request that ended on its first token (max_tokens=1): its outputs; no KV is offered, nothing to pull.
     outputs: tuple[StepOutput, ...] = ()
-    # The handover names the KV offered by block: the teacher's `block_hash` of each of its full blocks. A
-    # decode replica whose prefix cache holds the first ones pulls only the rest.
+    # The handover names the KV offered by block: the `block_hash` of each of its full blocks, as the teacher
+    # checkpoint that computed it names them (`PrefillWorker.kv_name`). A decode replica whose prefix cache
+    # holds the first ones pulls only the rest.
     block_hashes: tuple[bytes, ...] = ()
 
     @property
@@ -64,6 +66,9 @@ class PrefillWorker(ModelWorker):
         self._transfer_of: dict[str, tuple[str, int]] = {}  # request id -> (transfer id, KV tokens offered)
         super().__init__(model_dir, self._layer_done if transfer.layerwise else None, **engine)
         self.layout = KVLayout.of_teacher(self.model.spec, self.config.dtype, self.config.block_size)
+        # What the KV it offers is named after across the cluster: these very weights, not just "the teacher"
+        # (a decode replica must never take a block another teacher checkpoint computed, e.g. mid-redeploy).
+        self.kv_name = f"{self.model_name}/{checkpoint_fingerprint(model_dir)}"
         self.registry = TransferRegistry(self.core.pool, transfer.lease_seconds, abort_prefill=self.abort)
         servicer = KVTransferServicer(
             self.core.cache, self.registry, self.layout, transfer, auth.load_secret(transfer.secret)
@@ -110,7 +115,7 @@ class PrefillWorker(ModelWorker):
             tuple(request.prompt_token_ids),
             params,
             resume,
-            block_hashes=tuple(block_hashes(offered, self.config.block_size, self.model_name)),
+            block_hashes=tuple(block_hashes(offered, self.config.block_size, self.kv_name)),
         )
 
     async def asubmit(
