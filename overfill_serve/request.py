@@ -102,9 +102,11 @@ class Request:
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     # With params.prompt_logprobs: prompt tokens 1, 2, ... scored so far (token 0 has no context to score it).
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
-    # Prefix caching: the prompt's block hashes (for its prefill model), and the prompt tokens whose KV came
+    # Prefix caching: the block hashes of its tokens (the prompt's; with its output's where one model computes
+    # both) as `hashed_for`, the model that computes their KV, names them; and the prompt tokens whose KV came
     # from the cache rather than being computed for this request.
     block_hashes: list[bytes] = field(default_factory=list)
+    hashed_for: str = ""
     num_cached_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     # Tokens whose KV is in `block_table` (prompt and generated tokens alike).

@@ -135,6 +135,22 @@ def test_a_second_turn_reuses_the_teachers_prompt_blocks_not_the_students_answer
     assert got.num_cached_tokens == 28  # turn 1's prompt blocks; none of the answer's
 
 
+@pytest.mark.parametrize("mode", ["full", "pruned"])
+def test_one_model_modes_share_the_answers_blocks_next_turn(width_pair, mode):
+    """One model computes both the prompt and the answer: the KV it wrote while decoding is what its prefill
+    of those tokens would compute, so the next turn shares the answer's blocks too (in OverFill mode it
+    cannot: the test above)."""
+    on, off = _llm(width_pair, True), _llm(width_pair, False)
+    turn1 = SYSTEM + [5, 6, 7, 8, 9]  # 28 tokens
+    answer = _run(on, [turn1], mode)[0].token_ids
+    assert answer == _run(off, [turn1], mode)[0].token_ids
+    turn2 = turn1 + answer + [60, 61, 62]
+    got, want = _run(on, [turn2], mode)[0], _run(off, [turn2], mode)[0]
+    assert got.token_ids == want.token_ids
+    # Every block whose KV was written: the last answer token's never was (it was sampled, not fed back).
+    assert got.num_cached_tokens == (len(turn1) + len(answer) - 1) // BS * BS == 32
+
+
 def test_the_students_blocks_are_never_offered_to_the_teacher(width_pair):
     llm = _llm(width_pair, True)
     prompt = [SYSTEM + [1, 2, 3]]
@@ -156,16 +172,17 @@ def test_scored_prompts_compute_every_token_and_leave_their_blocks_cached(width_
     assert _run(llm, prompt, "overfill")[0].num_cached_tokens == 24
 
 
+@pytest.mark.parametrize("mode", ["overfill", "full"])  # full: the answers' blocks are indexed too
 @pytest.mark.parametrize("swap", [0, 64], ids=["re-prefill", "swap"])
-def test_outputs_hold_under_preemption_and_eviction(width_pair, swap):
+def test_outputs_hold_under_preemption_and_eviction(width_pair, swap, mode):
     """A pool too small for the batch: decodes are preempted (re-prefilled or swapped) and cached blocks are
     evicted for new ones; outputs equal caching off and every block comes back."""
     prompts = [SYSTEM[: 8 + i] + q for i, q in enumerate(QUESTIONS * 3)]
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     small = dict(num_kv_blocks=40, num_swap_blocks=swap)
-    want = [o.token_ids for o in _run(_llm(width_pair, False, **small), prompts, "overfill", params)]
+    want = [o.token_ids for o in _run(_llm(width_pair, False, **small), prompts, mode, params)]
     on = _llm(width_pair, True, **small)
     for _ in range(2):
-        outs = _run(on, prompts, "overfill", params)
+        outs = _run(on, prompts, mode, params)
         assert [o.token_ids for o in outs] == want
         assert sum(o.metrics.num_preemptions for o in outs) > 0  # the pool really was too small

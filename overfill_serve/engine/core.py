@@ -73,7 +73,7 @@ class EngineCore:
             name: PrefillEngine(r, context, on_prefill_layer, self._reserve, name)
             for name, r in runners.items()
         }
-        self.decode = {name: DecodeEngine(r, context, self.swap) for name, r in runners.items()}
+        self.decode = {name: DecodeEngine(r, context, self.swap, name) for name, r in runners.items()}
         self._routes: dict[str, Route] = {}
 
     def _runner(self, model: CausalLM, kept: tuple[int, ...], config: EngineConfig) -> ModelRunner:

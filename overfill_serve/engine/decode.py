@@ -20,6 +20,7 @@ from overfill_serve.engine.output_processor import StepOutput
 from overfill_serve.engine.runner import ModelRunner
 from overfill_serve.engine.sampler import SampledToken
 from overfill_serve.engine.stage import StageContext, StageEngine, StepResult
+from overfill_serve.kv.block_hash import block_hashes
 from overfill_serve.kv.paged_cache import blocks_for
 from overfill_serve.kv.swap_space import SwapSpace
 from overfill_serve.request import Request, RequestStatus
@@ -30,8 +31,10 @@ def _arrival(request: Request) -> float:
 
 
 class DecodeEngine(StageEngine):
-    def __init__(self, runner: ModelRunner, context: StageContext, swap: SwapSpace | None = None) -> None:
-        super().__init__(runner, context)  # waiting: KV present, not yet admitted
+    def __init__(
+        self, runner: ModelRunner, context: StageContext, swap: SwapSpace | None = None, model: str = ""
+    ) -> None:
+        super().__init__(runner, context, model)  # waiting: KV present, not yet admitted
         self.swap = swap
         self.swapped: deque[Request] = deque()  # KV in the swap space, oldest first
         self._preempted: list[Request] = []  # this step's requests to re-prefill
@@ -143,8 +146,20 @@ class DecodeEngine(StageEngine):
         outputs = []
         for request, seq, token in zip(requests, batch.seqs, self.sampler(logits, requests)):
             request.num_computed_tokens = seq.context_len
+            self._index_output(request, seq)
             outputs.append(self.output.append(request, token))
             if request.finish_reason is not None:
                 self.running.remove(request)
                 self._finish(request, RequestStatus.FINISHED, request.finish_reason)
         return tuple(outputs)
+
+    def _index_output(self, request: Request, seq: ScheduledSeq) -> None:
+        """Prefix caching where this model also prefilled the request (the full and pruned modes): the KV it
+        writes for the generated tokens is what its prefill of them would compute, so completed blocks are
+        indexed too (a next chat turn resending the answer shares them). Never after another model's prefill:
+        the student's KV on the teacher's prompt is neither model's own."""
+        if request.hashed_for != self.model:
+            return
+        tokens = request.all_token_ids[: seq.context_len]
+        request.block_hashes = block_hashes(tokens, self.block_size, self.model, request.block_hashes)
+        self._index(request, seq.start, seq.context_len)

@@ -39,10 +39,10 @@ class PrefillEngine(StageEngine):
         reserve: Callable[[Request], int] | None = None,
         model: str = "",
     ) -> None:
-        super().__init__(runner, context)  # running: blocks allocated, prompt partly computed
+        super().__init__(runner, context, model)  # running: blocks allocated, prompt partly computed
         self.max_num_batched_tokens = context.config.max_num_batched_tokens
         # Prefix caching: the blocks this model computes are indexed under its name (their provenance).
-        self.model, self.prefix_caching = model, context.config.enable_prefix_caching
+        self.prefix_caching = context.config.enable_prefix_caching
         self.prefix_queries = self.prefix_hits = 0  # prompt tokens looked up / found in the cache
         self.computed_tokens = 0  # prompt tokens this model computed (what the cache did not save)
         self.on_layer = on_layer  # called after each layer's forward: lets a KV channel stream layer by layer
@@ -112,8 +112,9 @@ class PrefillEngine(StageEngine):
         is every token of a scored prompt. A prompt with a split takes no part (its blocks mix two models)."""
         if not self.prefix_caching or request.params.continuation_start is not None or request.block_table:
             return None
-        if not request.block_hashes:
+        if request.hashed_for != self.model:
             request.block_hashes = block_hashes(request.prompt_token_ids, self.block_size, self.model)
+            request.hashed_for = self.model
         if request.params.prompt_logprobs is not None:
             return None
         return request.block_hashes[: (request.num_prompt_tokens - 1) // self.block_size]
@@ -142,7 +143,7 @@ class PrefillEngine(StageEngine):
             request = by_id[seq.request_id]
             stop = request.prefill_stop
             request.num_computed_tokens = seq.context_len
-            self._index(request, seq)
+            self._index(request, seq.start, min(seq.context_len, request.num_prompt_tokens))
             if seq.context_len < stop:
                 continue
             self.running.remove(request)
@@ -155,12 +156,6 @@ class PrefillEngine(StageEngine):
                 request.stamp("first_token")
             prefilled.append(Prefilled(request, first.get(request.request_id)))
         return StepResult(outputs=tuple(outputs), prefilled=tuple(prefilled))
-
-    def _index(self, request: Request, seq: ScheduledSeq) -> None:
-        """Index the prompt blocks this chunk completed, for later prompts to share."""
-        first, end = seq.start // self.block_size, min(seq.context_len, request.num_prompt_tokens)
-        for i in range(first, min(end // self.block_size, len(request.block_hashes))):
-            self.pool.register(request.block_table[i], request.block_hashes[i])
 
     def _score_and_sample(
         self, batch: Batch, logits: torch.Tensor, by_id: dict[str, Request]

@@ -42,8 +42,8 @@ class StageContext:
 
 
 class StageEngine:
-    def __init__(self, runner: ModelRunner, context: StageContext) -> None:
-        self.runner = runner
+    def __init__(self, runner: ModelRunner, context: StageContext, model: str = "") -> None:
+        self.runner, self.model = runner, model  # the model's name: what its KV blocks are hashed as
         self.pool, self.sampler, self.output = context.pool, context.sampler, context.output
         self.block_size, self.max_num_seqs = context.config.block_size, context.config.max_num_seqs
         self.waiting: deque[Request] = deque()
@@ -68,6 +68,12 @@ class StageEngine:
                         request.fail(error)
                     return request
         return None
+
+    def _index(self, request: Request, start: int, end: int) -> None:
+        """Index the request's blocks completed between token positions start and end (those it has hashes
+        for), for later prompts to share."""
+        for i in range(start // self.block_size, min(end // self.block_size, len(request.block_hashes))):
+            self.pool.register(request.block_table[i], request.block_hashes[i])
 
     def _finish(self, request: Request, status: RequestStatus, reason: FinishReason) -> None:
         self.pool.free(request.block_table)

@@ -16,14 +16,17 @@ import numpy as np
 DIGEST_BYTES = 16
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int, model: str) -> list[bytes]:
+def block_hashes(
+    token_ids: Sequence[int], block_size: int, model: str, known: Sequence[bytes] = ()
+) -> list[bytes]:
     """The chained hash of each full block of `token_ids` (a partial last block has none), as computed by
-    the model named `model`."""
+    the model named `model`; `known`: the hashes of its first blocks, already computed (only the blocks after
+    them are hashed)."""
     tag = model.encode()
     tokens = np.asarray(token_ids, dtype=np.int64)
-    out: list[bytes] = []
-    parent = b""
-    for start in range(0, len(tokens) - block_size + 1, block_size):
+    out = list(known)
+    parent = out[-1] if out else b""
+    for start in range(len(out) * block_size, len(tokens) - block_size + 1, block_size):
         h = hashlib.blake2b(parent, digest_size=DIGEST_BYTES)
         h.update(len(tag).to_bytes(4, "little") + tag)
         h.update(tokens[start : start + block_size].tobytes())
