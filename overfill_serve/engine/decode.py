@@ -158,8 +158,10 @@ class DecodeEngine(StageEngine):
         writes for the generated tokens is what its prefill of them would compute, so completed blocks are
         indexed too (a next chat turn resending the answer shares them). Never after another model's prefill:
         the student's KV on the teacher's prompt is neither model's own."""
-        if request.hashed_for != self.model:
-            return
+        if request.hashed_for != self.model or seq.context_len // self.block_size <= len(
+            request.block_hashes
+        ):
+            return  # (most steps: no block completed)
         tokens = request.all_token_ids[: seq.context_len]
         request.block_hashes = block_hashes(tokens, self.block_size, self.model, request.block_hashes)
         self._index(request, seq.start, seq.context_len)

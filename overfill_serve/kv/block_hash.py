@@ -23,10 +23,10 @@ def block_hashes(
     the model named `model`; `known`: the hashes of its first blocks, already computed (only the blocks after
     them are hashed)."""
     tag = model.encode()
-    tokens = np.asarray(token_ids, dtype=np.int64)
     out = list(known)
     parent = out[-1] if out else b""
-    for start in range(len(out) * block_size, len(tokens) - block_size + 1, block_size):
+    tokens = np.asarray(token_ids[len(out) * block_size :], dtype=np.int64)  # the blocks not hashed yet
+    for start in range(0, len(tokens) - block_size + 1, block_size):
         h = hashlib.blake2b(parent, digest_size=DIGEST_BYTES)
         h.update(len(tag).to_bytes(4, "little") + tag)
         h.update(tokens[start : start + block_size].tobytes())
